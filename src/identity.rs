@@ -1,0 +1,1 @@
+//! Connection strings and SAS tokens. (being written)

@@ -1,0 +1,17 @@
+//! edgetwin: a module-side daemon that keeps an Azure IoT Hub module twin applied to a
+//! Linux gateway, plus the local IoT Hub emulator it is tested and demonstrated against.
+//!
+//! # Layout
+//! - [`identity`]: connection strings and SAS tokens (signing, parsing, verification).
+//! - [`twin`]: the pure twin-synchronisation core (no I/O, no clock): apply desired
+//!   state, version rules, acknowledgements.
+//! - [`config`]: figment layers → validated `Settings`, every problem reported at once.
+//! - [`sim`]: the IoT Hub emulator (`edgetwin sim`): MQTT and HTTPS front ends over one
+//!   in-memory hub whose registry and twins persist in a state directory.
+//! - [`cli`]: clap definitions of the command line.
+
+pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod sim;
+pub mod twin;

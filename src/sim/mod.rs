@@ -1,0 +1,1 @@
+//! The IoT Hub emulator. (being written)

@@ -1,0 +1,1 @@
+//! Pure twin core. (being written)
