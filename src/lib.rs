@@ -8,10 +8,12 @@
 //! - [`config`]: figment layers → validated `Settings`, every problem reported at once.
 //! - [`sim`]: the IoT Hub emulator (`edgetwin sim`): MQTT and HTTPS front ends over one
 //!   in-memory hub whose registry and twins persist in a state directory.
+//! - [`store`]: atomic, durable file writes.
 //! - [`cli`]: clap definitions of the command line.
 
 pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod sim;
+pub mod store;
 pub mod twin;

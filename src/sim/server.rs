@@ -1,0 +1,189 @@
+//! [`Sim`]: a running emulator — the hub, its MQTT/TLS listener and its HTTPS listener
+//! (REST and MQTT over WebSocket) — as started by `edgetwin sim`, the demo and the tests.
+//! Owns the listener tasks and stops them on shutdown; can restart on the same ports with
+//! the state kept, which is how tests simulate a hub restart.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::hub::Hub;
+use super::tls;
+
+/// Where and as what the emulator runs.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// MQTT over TLS; port 0 picks a free port.
+    pub mqtt_addr: SocketAddr,
+    /// HTTPS: REST API and MQTT over WebSocket; port 0 picks a free port.
+    pub https_addr: SocketAddr,
+    /// The hub's host name as used in SAS scopes and MQTT user names.
+    pub hub_name: String,
+    /// Durable state: registry, twins, sessions, certificates.
+    pub state_dir: PathBuf,
+}
+
+impl SimConfig {
+    /// Both listeners on free loopback ports, hub name `localhost`.
+    pub fn ephemeral(state_dir: impl Into<PathBuf>) -> Self {
+        SimConfig {
+            mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            https_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            hub_name: "localhost".into(),
+            state_dir: state_dir.into(),
+        }
+    }
+}
+
+/// A running emulator.
+pub struct Sim {
+    config: SimConfig,
+    hub: Hub,
+    mqtt_addr: SocketAddr,
+    https_addr: SocketAddr,
+    ca_pem: String,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+pub const SERVICE_CONNSTR_FILE: &str = "service.connstr";
+
+impl Sim {
+    /// Binds both listeners, loads or creates the state, and writes `ca.pem`,
+    /// `service.connstr` and `policies/<name>.connstr` into the state directory.
+    pub async fn start(config: SimConfig) -> anyhow::Result<Sim> {
+        std::fs::create_dir_all(&config.state_dir)
+            .with_context(|| format!("creating {}", config.state_dir.display()))?;
+        let tls = tls::load_or_create(&config.state_dir, &config.hub_name)?;
+        let hub = Hub::open(&config.hub_name, &config.state_dir)?;
+        let mqtt = TcpListener::bind(config.mqtt_addr)
+            .await
+            .with_context(|| format!("binding the MQTT listener to {}", config.mqtt_addr))?;
+        let https = TcpListener::bind(config.https_addr)
+            .await
+            .with_context(|| format!("binding the HTTPS listener to {}", config.https_addr))?;
+        let mqtt_addr = mqtt.local_addr()?;
+        let https_addr = https.local_addr()?;
+        let authority = format!("localhost:{}", https_addr.port());
+        hub.set_rest_authority(&authority);
+
+        let owner = hub
+            .policy_connection_string("iothubowner", &authority)
+            .context("the iothubowner policy is missing from the state")?;
+        let write = |path: &Path, text: &str| {
+            crate::store::write_atomic(path, text.as_bytes(), 0o600)
+                .with_context(|| format!("writing {}", path.display()))
+        };
+        write(&config.state_dir.join(SERVICE_CONNSTR_FILE), &owner)?;
+        let policies = config.state_dir.join("policies");
+        std::fs::create_dir_all(&policies)?;
+        for name in hub.policy_names() {
+            if let Some(cs) = hub.policy_connection_string(&name, &authority) {
+                write(&policies.join(format!("{name}.connstr")), &cs)?;
+            }
+        }
+
+        let acceptor = TlsAcceptor::from(Arc::clone(&tls.server_config));
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(super::mqtt::serve_tls(
+            mqtt,
+            acceptor.clone(),
+            hub.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        tasks.spawn(super::rest::serve(
+            https,
+            acceptor,
+            hub.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        Ok(Sim {
+            config,
+            hub,
+            mqtt_addr,
+            https_addr,
+            ca_pem: tls.ca_pem,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    pub fn faults(&self) -> super::hub::Faults {
+        self.hub.faults()
+    }
+
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
+    pub fn https_addr(&self) -> SocketAddr {
+        self.https_addr
+    }
+
+    pub fn hub_name(&self) -> &str {
+        &self.config.hub_name
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.config.state_dir
+    }
+
+    /// PEM of the CA that signed the server certificate.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.config.state_dir.join(tls::CA_FILE)
+    }
+
+    /// `localhost:<port>` of the REST listener, as service connection strings carry it.
+    pub fn rest_authority(&self) -> String {
+        format!("localhost:{}", self.https_addr.port())
+    }
+
+    /// A policy's service connection string (`iothubowner`, `service`, `registryRead`,
+    /// `registryReadWrite`, `device`).
+    pub fn service_connection_string(&self, policy: &str) -> Option<String> {
+        self.hub
+            .policy_connection_string(policy, &self.rest_authority())
+    }
+
+    /// Stops accepting, closes every connection and waits for the tasks to finish.
+    pub async fn shutdown(self) {
+        self.stop().await;
+    }
+
+    async fn stop(&self) {
+        self.shutdown.cancel();
+        self.hub.drop_all_connections();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Stops and starts again on the same ports with the same state directory, as a hub
+    /// restart: connections drop, registry, twins and sessions survive.
+    pub async fn restart(self) -> anyhow::Result<Sim> {
+        self.stop().await;
+        let config = SimConfig {
+            mqtt_addr: self.mqtt_addr,
+            https_addr: self.https_addr,
+            ..self.config.clone()
+        };
+        drop(self);
+        Sim::start(config).await
+    }
+}
