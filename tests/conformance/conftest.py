@@ -30,18 +30,24 @@ WEBSOCKET_HTTPS_ADDR = "127.0.0.1:443"
 def running_sim(state_dir: Path, mqtt: str, https: str) -> Iterator[SimProcess]:
     """An emulator for the duration of the block; it must exit 0 on SIGTERM afterwards."""
     sim = SimProcess(mqtt=mqtt, https=https, state_dir=state_dir)
+    failure = None
     try:
         sim.start()
     except SimError as error:
+        failure = f"cannot start edgetwin sim on {mqtt} and {https}: {error}"
+    if failure is not None:
         sim.kill()
-        pytest.fail(f"cannot start edgetwin sim on {mqtt} and {https}: {error}", pytrace=False)
+        pytest.fail(failure, pytrace=False)
     try:
         yield sim
     finally:
+        failure = None
         try:
             status = sim.stop()
         except SimError as error:
-            pytest.fail(str(error), pytrace=False)
+            failure = str(error)
+        if failure is not None:
+            pytest.fail(failure, pytrace=False)
         if status != 0:
             pytest.fail(
                 f"edgetwin sim exited with status {status} after SIGTERM (expected 0).\n"
