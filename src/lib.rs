@@ -9,11 +9,17 @@
 //! - [`sim`]: the IoT Hub emulator (`edgetwin sim`): MQTT and HTTPS front ends over one
 //!   in-memory hub whose registry and twins persist in a state directory.
 //! - [`store`]: atomic, durable file writes.
+//! - [`hub`]: the daemon's MQTT session to IoT Hub (TLS trust so far).
+//! - [`registry`]: the service REST client (registry, twins, methods).
+//! - [`demo`]: the tutorial end to end on the embedded emulator.
 //! - [`cli`]: clap definitions of the command line.
 
 pub mod cli;
 pub mod config;
+pub mod demo;
+pub mod hub;
 pub mod identity;
+pub mod registry;
 pub mod sim;
 pub mod store;
 pub mod twin;

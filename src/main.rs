@@ -1,1 +1,103 @@
-fn main(){}
+//! Entry point: parse the command line, set up logging, dispatch, map the outcome to a
+//! sysexits code. Kept thin; every command's work lives in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use edgetwin::cli::{exit, Cli, Command, SimArgs};
+use edgetwin::sim::{Sim, SimConfig};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edgetwin: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+    let code = runtime.block_on(dispatch(cli.command));
+    ExitCode::from(code)
+}
+
+async fn dispatch(command: Command) -> u8 {
+    match command {
+        Command::Sim(args) => report(sim(args).await),
+        Command::Demo => report(edgetwin::demo::run().await),
+        Command::Run(_) => not_built("run"),
+        Command::Provision(_) => not_built("provision"),
+        Command::Twin(_) => not_built("twin"),
+        Command::CheckConfig(_) => not_built("check-config"),
+    }
+}
+
+fn not_built(name: &str) -> u8 {
+    eprintln!("edgetwin {name}: not built yet in this version");
+    exit::USAGE
+}
+
+fn report(result: anyhow::Result<()>) -> u8 {
+    match result {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("edgetwin: {e:#}");
+            exit::SOFTWARE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGETWIN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// `edgetwin sim`: runs the emulator until SIGINT or SIGTERM.
+async fn sim(args: SimArgs) -> anyhow::Result<()> {
+    let state_dir = match args.state {
+        Some(dir) => dir,
+        None => tempfile::Builder::new()
+            .prefix("edgetwin-sim-")
+            .tempdir()?
+            .keep(),
+    };
+    let sim = Sim::start(SimConfig {
+        mqtt_addr: args.mqtt,
+        https_addr: args.https,
+        hub_name: args.hub_name,
+        state_dir,
+    })
+    .await?;
+    println!("state directory: {}", sim.state_dir().display());
+    println!("CA certificate:  {}", sim.ca_path().display());
+    println!(
+        "service connection string (iothubowner): {}",
+        sim.state_dir()
+            .join(edgetwin::sim::server::SERVICE_CONNSTR_FILE)
+            .display()
+    );
+    println!(
+        "edgetwin sim ready: mqtts://{} https://{} hub {}",
+        sim.mqtt_addr(),
+        sim.https_addr(),
+        sim.hub_name()
+    );
+    wait_for_stop_signal().await?;
+    sim.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

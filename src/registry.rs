@@ -1,0 +1,364 @@
+//! Client for the IoT Hub service REST API (registry, module twins, direct methods) over
+//! reqwest with rustls (PROTOCOL §6). Mints a short-lived service SAS token per request
+//! from the policy key. Errors are a typed enum callers branch on; the hub's error body is
+//! parsed into the message users see. Never logs or returns the key or a token.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use crate::identity::ServiceCredentials;
+
+pub const API_VERSION: &str = "2021-04-12";
+/// Service tokens live this long; each request gets a fresh one.
+const TOKEN_TTL: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("not authorised: {0}")]
+    Unauthorized(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    Conflict(String),
+    #[error("precondition failed (etag changed): {0}")]
+    PreconditionFailed(String),
+    #[error("throttled by the hub: {0}")]
+    Throttled(String),
+    #[error("hub unavailable: {0}")]
+    Transient(String),
+    #[error("rejected by the hub: {0}")]
+    Invalid(String),
+}
+
+impl RegistryError {
+    /// Worth retrying later with backoff.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::Throttled(_) | RegistryError::Transient(_)
+        )
+    }
+}
+
+/// A typed client for one hub.
+#[derive(Clone)]
+pub struct RegistryClient {
+    http: reqwest::Client,
+    base: String,
+    credentials: ServiceCredentials,
+}
+
+impl std::fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryClient")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RegistryClient {
+    /// `extra_ca_pem`: trust anchors added to the system roots (the emulator's CA, a TLS
+    /// inspection proxy's CA).
+    pub fn new(
+        credentials: ServiceCredentials,
+        extra_ca_pem: Option<&[u8]>,
+    ) -> Result<Self, RegistryError> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("edgetwin/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = extra_ca_pem {
+            for cert in reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| RegistryError::Invalid(format!("CA file is not PEM: {e}")))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
+            .build()
+            .map_err(|e| RegistryError::Transient(format!("building the HTTP client: {e}")))?;
+        Ok(RegistryClient {
+            http,
+            base: format!("https://{}", credentials.host_name),
+            credentials,
+        })
+    }
+
+    pub async fn create_device(&self, device_id: &str) -> Result<Value, RegistryError> {
+        let body = json!({
+            "deviceId": device_id,
+            "status": "enabled",
+            "authentication": {"symmetricKey": {}, "type": "sas"},
+            "capabilities": {"iotEdge": false}
+        });
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/devices/{}", seg(device_id)),
+            Some(&body),
+            None,
+        )
+        .await
+    }
+
+    pub async fn get_device(&self, device_id: &str) -> Result<Value, RegistryError> {
+        self.call(
+            reqwest::Method::GET,
+            &format!("/devices/{}", seg(device_id)),
+            None,
+            None,
+        )
+        .await
+    }
+
+    pub async fn create_module(
+        &self,
+        device_id: &str,
+        module_id: &str,
+    ) -> Result<Value, RegistryError> {
+        let body = json!({
+            "moduleId": module_id,
+            "deviceId": device_id,
+            "authentication": {"symmetricKey": {}, "type": "sas"}
+        });
+        let path = format!("/devices/{}/modules/{}", seg(device_id), seg(module_id));
+        self.call(reqwest::Method::PUT, &path, Some(&body), None)
+            .await
+    }
+
+    pub async fn get_module(
+        &self,
+        device_id: &str,
+        module_id: &str,
+    ) -> Result<Value, RegistryError> {
+        let path = format!("/devices/{}/modules/{}", seg(device_id), seg(module_id));
+        self.call(reqwest::Method::GET, &path, None, None).await
+    }
+
+    pub async fn get_module_twin(
+        &self,
+        device_id: &str,
+        module_id: &str,
+    ) -> Result<Value, RegistryError> {
+        let path = format!("/twins/{}/modules/{}", seg(device_id), seg(module_id));
+        self.call(reqwest::Method::GET, &path, None, None).await
+    }
+
+    /// PATCH desired properties, conditional on `etag` (`None`: unconditional, `"*"`).
+    pub async fn patch_desired(
+        &self,
+        device_id: &str,
+        module_id: &str,
+        desired: &Value,
+        etag: Option<&str>,
+    ) -> Result<Value, RegistryError> {
+        let path = format!("/twins/{}/modules/{}", seg(device_id), seg(module_id));
+        let body = json!({ "properties": { "desired": desired } });
+        let if_match = format!("\"{}\"", etag.unwrap_or("*"));
+        self.call(reqwest::Method::PATCH, &path, Some(&body), Some(&if_match))
+            .await
+    }
+
+    pub async fn invoke_module_method(
+        &self,
+        device_id: &str,
+        module_id: &str,
+        method: &str,
+        payload: &Value,
+        timeout_secs: u64,
+    ) -> Result<Value, RegistryError> {
+        let path = format!(
+            "/twins/{}/modules/{}/methods",
+            seg(device_id),
+            seg(module_id)
+        );
+        let body = json!({
+            "methodName": method,
+            "payload": payload,
+            "responseTimeoutInSeconds": timeout_secs,
+            "connectTimeoutInSeconds": 0
+        });
+        self.call(reqwest::Method::POST, &path, Some(&body), None)
+            .await
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+    ) -> Result<Value, RegistryError> {
+        let expiry = SystemTime::now()
+            .checked_add(TOKEN_TTL)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        let url = format!("{}{}?api-version={API_VERSION}", self.base, path);
+        let mut req = self
+            .http
+            .request(method.clone(), &url)
+            .header("Authorization", self.credentials.sas_token(expiry))
+            .header("Accept", "application/json");
+        if let Some(b) = body {
+            req = req
+                .header("Content-Type", "application/json; charset=utf-8")
+                .body(b.to_string());
+        }
+        if let Some(m) = if_match {
+            req = req.header("If-Match", m);
+        }
+        let resp = req.send().await.map_err(|e| {
+            RegistryError::Transient(format!("{method} {path}: {}", without_url(&e)))
+        })?;
+        let status = resp.status();
+        let date = resp
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .map(str::to_string);
+        let code_name = resp
+            .headers()
+            .get("iothub-errorcode")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let text = resp.text().await.map_err(|e| {
+            RegistryError::Transient(format!(
+                "{method} {path}: reading the body: {}",
+                without_url(&e)
+            ))
+        })?;
+        if status.is_success() {
+            if text.trim().is_empty() {
+                return Ok(Value::Null);
+            }
+            return serde_json::from_str(&text).map_err(|e| {
+                RegistryError::Invalid(format!("{method} {path}: hub answered non-JSON: {e}"))
+            });
+        }
+        let mut message = format!(
+            "{method} {path}: {}",
+            error_message(&text, code_name.as_deref())
+        );
+        if status.as_u16() == 401 {
+            if let Some(skew) = date.as_deref().and_then(clock_skew) {
+                message.push_str(&format!(
+                    "; this machine's clock differs from the hub's by {skew} s — fix the clock (NTP)"
+                ));
+            }
+        }
+        Err(match status.as_u16() {
+            401 | 403 => RegistryError::Unauthorized(message),
+            404 => RegistryError::NotFound(message),
+            409 => RegistryError::Conflict(message),
+            412 => RegistryError::PreconditionFailed(message),
+            429 => RegistryError::Throttled(message),
+            500..=599 => RegistryError::Transient(message),
+            _ => RegistryError::Invalid(message),
+        })
+    }
+}
+
+/// Percent-encodes one path segment (ids may hold characters such as `#` or `?`).
+fn seg(id: &str) -> String {
+    percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// reqwest errors carry the URL; ours never holds secrets, but keep messages short.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut msg = e.to_string();
+    if let Some(url) = e.url() {
+        msg = msg.replace(url.as_str(), "");
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+/// The hub's message from either error body format (PROTOCOL §6.7), else the raw text.
+pub fn error_message(body: &str, code_name: Option<&str>) -> String {
+    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    let outer = parsed
+        .as_ref()
+        .and_then(|v| v.get("Message"))
+        .and_then(Value::as_str);
+    let detail = match outer {
+        Some(m) => match serde_json::from_str::<Value>(m) {
+            Ok(inner) => {
+                let code = inner
+                    .get("errorCode")
+                    .map(|c| c.to_string())
+                    .unwrap_or_default();
+                let text = inner.get("message").and_then(Value::as_str).unwrap_or(m);
+                format!("{text} (error {code})")
+            }
+            Err(_) => m.to_string(),
+        },
+        None => {
+            let t = body.trim();
+            if t.is_empty() {
+                "no error details from the hub".to_string()
+            } else {
+                t.chars().take(300).collect()
+            }
+        }
+    };
+    match code_name {
+        Some(name) if !detail.contains(name) => format!("{name}: {detail}"),
+        _ => detail,
+    }
+}
+
+/// Seconds between our clock and an HTTP `Date`, when it is more than a few minutes.
+fn clock_skew(date: &str) -> Option<i64> {
+    let theirs = httpdate::parse_http_date(date).ok()?;
+    let now = SystemTime::now();
+    let skew = match now.duration_since(theirs) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    };
+    (skew.abs() >= 120).then_some(skew)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_message_reads_the_newer_nested_format() {
+        let body = r#"{"Message":"{\"errorCode\":504101,\"trackingId\":\"x\",\"message\":\"Timed out waiting for the response from device.\",\"info\":{},\"timestampUtc\":\"t\"}","ExceptionMessage":""}"#;
+        assert_eq!(
+            error_message(body, None),
+            "Timed out waiting for the response from device. (error 504101)"
+        );
+    }
+
+    #[test]
+    fn error_message_reads_the_older_format_and_names_the_code() {
+        let body = r#"{"Message":"ErrorCode:DeviceAlreadyExists;Conflict","ExceptionMessage":"Tracking ID:abc"}"#;
+        assert_eq!(
+            error_message(body, Some("DeviceAlreadyExists")),
+            "ErrorCode:DeviceAlreadyExists;Conflict"
+        );
+    }
+
+    #[test]
+    fn error_message_survives_a_malformed_body() {
+        assert_eq!(
+            error_message("<html>oops", Some("ServerError")),
+            "ServerError: <html>oops"
+        );
+        assert_eq!(error_message("", None), "no error details from the hub");
+    }
+
+    #[test]
+    fn clock_skew_is_reported_only_when_large() {
+        let now = SystemTime::now();
+        assert_eq!(clock_skew(&httpdate::fmt_http_date(now)), None);
+        let skew = clock_skew(&httpdate::fmt_http_date(now - Duration::from_secs(3600))).unwrap();
+        assert!((3590..=3610).contains(&skew), "{skew}");
+    }
+}
