@@ -9,7 +9,8 @@
 //! - [`sim`]: the IoT Hub emulator (`edgetwin sim`): MQTT and HTTPS front ends over one
 //!   in-memory hub whose registry and twins persist in a state directory.
 //! - [`store`]: atomic, durable file writes.
-//! - [`hub`]: the daemon's MQTT session to IoT Hub (TLS trust so far).
+//! - [`hub`]: the daemon's MQTT session to IoT Hub (one task owns the event loop).
+//! - [`systemd`]: sd_notify READY/STATUS/RELOADING/STOPPING and the progress-gated watchdog.
 //! - [`registry`]: the service REST client (registry, twins, methods).
 //! - [`demo`]: the tutorial end to end on the embedded emulator.
 //! - [`cli`]: clap definitions of the command line.
@@ -22,4 +23,5 @@ pub mod identity;
 pub mod registry;
 pub mod sim;
 pub mod store;
+pub mod systemd;
 pub mod twin;

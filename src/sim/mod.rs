@@ -27,6 +27,7 @@ pub mod rest;
 pub mod server;
 pub mod service_side;
 pub mod tls;
+pub mod topics;
 pub mod twin_doc;
 
 pub use errors::HubError;
