@@ -29,6 +29,7 @@ pub mod service_side;
 pub mod tls;
 pub mod topics;
 pub mod twin_doc;
+pub mod websocket;
 
 pub use errors::HubError;
 pub use hub::{Faults, Hub, SimEvent};

@@ -1,11 +1,57 @@
-//! HTTPS front end: service REST API and MQTT over WebSocket. (being written)
+//! HTTPS front end: the service REST API (PROTOCOL §6) and the MQTT-over-WebSocket upgrade
+//! endpoint (§3.8, bridged in [`super::websocket`]).
+//!
+//! Every request is authorised first (policy token and the operation's right), then must
+//! carry an `api-version` query parameter (any value). Ids in paths are percent-decoded.
+//! Successes return the hub's full JSON document; failures return the hub's newer error
+//! body with an `iothub-errorcode` header. Requests are logged at debug with method, path
+//! and status, never with their headers.
 
-use tokio::net::TcpListener;
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, IF_MATCH, SEC_WEBSOCKET_PROTOCOL};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, MethodRouter};
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::hub::Hub;
+use super::errors::HubError;
+use super::hub::{Hub, Right};
+use super::service_side::TwinWrite;
+use super::twin_doc::timestamp;
+
+/// How long a client may take to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+const JSON_UTF8: &str = "application/json; charset=utf-8";
+
+/// What every handler shares.
+#[derive(Clone)]
+pub(super) struct App {
+    pub(super) hub: Hub,
+    pub(super) shutdown: CancellationToken,
+    pub(super) tasks: TaskTracker,
+}
 
 /// Serves HTTPS until `shutdown`.
 pub async fn serve(
@@ -15,6 +61,430 @@ pub async fn serve(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let _ = (listener, acceptor, hub, shutdown, tasks);
-    todo!()
+    let app = router(App {
+        hub,
+        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
+    });
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "HTTPS accept failed");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                }
+            }
+        };
+        tasks.spawn(serve_tcp(
+            tcp,
+            acceptor.clone(),
+            app.clone(),
+            shutdown.clone(),
+        ));
+        tracing::trace!(%peer, "HTTPS connection accepted");
+    }
+    tracing::debug!("HTTPS listener stopped");
+}
+
+/// One TCP connection: TLS handshake, then HTTP/1.1 with upgrades until the client closes
+/// or the emulator stops (in-flight requests finish first).
+async fn serve_tcp(
+    tcp: TcpStream,
+    acceptor: TlsAcceptor,
+    app: Router,
+    shutdown: CancellationToken,
+) {
+    let _ = tcp.set_nodelay(true);
+    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+    let tls = tokio::select! {
+        () = shutdown.cancelled() => return,
+        r = handshake => match r {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "HTTPS TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("HTTPS TLS handshake timed out");
+                return;
+            }
+        },
+    };
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTPS connection ended with an error");
+    }
+}
+
+pub(super) fn router(app: App) -> Router {
+    Router::new()
+        .route(
+            "/devices/:device",
+            methods(get(get_device).put(put_device).delete(delete_device)),
+        )
+        .route("/devices/:device/modules", methods(get(list_modules)))
+        .route(
+            "/devices/:device/modules/:module",
+            methods(get(get_module).put(put_module).delete(delete_module)),
+        )
+        .route(
+            "/twins/:device/modules/:module",
+            methods(get(get_twin).patch(patch_twin).put(replace_twin)),
+        )
+        .route(
+            "/twins/:device/modules/:module/methods",
+            methods(post(invoke_method)),
+        )
+        .route("/$iothub/websocket", methods(get(websocket)))
+        .fallback(not_found)
+        .layer(middleware::from_fn(log_request))
+        .with_state(app)
+}
+
+fn methods(m: MethodRouter<App>) -> MethodRouter<App> {
+    m.fallback(method_not_allowed)
+}
+
+// ---- responses -----------------------------------------------------------------------
+
+/// A handler's outcome: status and JSON document, or a hub error.
+type Outcome = Result<(StatusCode, Option<Value>), HubError>;
+
+async fn respond(f: impl Future<Output = Outcome>) -> Response {
+    match f.await {
+        Ok((status, Some(doc))) => {
+            let mut res = (status, doc.to_string()).into_response();
+            res.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(JSON_UTF8));
+            res
+        }
+        Ok((status, None)) => status.into_response(),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// The hub's error answer: newer body format, `iothub-errorcode` header.
+pub(super) fn error_response(e: &HubError) -> Response {
+    let tracking_id = uuid::Uuid::new_v4().simple().to_string();
+    let body = e.body(&tracking_id, &timestamp(SystemTime::now()));
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut res = (status, body.to_string()).into_response();
+    let headers = res.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(JSON_UTF8));
+    headers.insert("iothub-errorcode", HeaderValue::from_static(e.name));
+    res
+}
+
+async fn not_found(uri: Uri) -> Response {
+    error_response(&HubError::new(
+        404,
+        404000,
+        "NotFound",
+        format!("no such resource: {}", uri.path()),
+    ))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> Response {
+    error_response(&HubError::new(
+        405,
+        405000,
+        "MethodNotAllowed",
+        format!("{method} is not supported on {}", uri.path()),
+    ))
+}
+
+async fn log_request(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let res = next.run(req).await;
+    tracing::debug!(%method, %path, status = res.status().as_u16(), "REST request");
+    res
+}
+
+// ---- request parsing -----------------------------------------------------------------
+
+/// A REST call as handlers see it: extraction never fails; problems surface as hub errors
+/// once the caller is authorised.
+struct Call<P> {
+    uri: Uri,
+    headers: HeaderMap,
+    path: Result<P, HubError>,
+    body: Result<Bytes, HubError>,
+}
+
+#[axum::async_trait]
+impl<P> FromRequest<App> for Call<P>
+where
+    P: DeserializeOwned + Send,
+{
+    type Rejection = Infallible;
+
+    async fn from_request(req: Request, state: &App) -> Result<Self, Infallible> {
+        let (mut parts, body) = req.into_parts();
+        let path = Path::<P>::from_request_parts(&mut parts, state)
+            .await
+            .map(|Path(p)| p)
+            .map_err(|e| HubError::argument_invalid(e.body_text()));
+        let uri = parts.uri.clone();
+        let headers = parts.headers.clone();
+        let body = Bytes::from_request(Request::from_parts(parts, body), state)
+            .await
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    HubError::too_large("request body is too large")
+                } else {
+                    HubError::format_error(format!("request body could not be read: {e}"))
+                }
+            });
+        Ok(Call {
+            uri,
+            headers,
+            path,
+            body,
+        })
+    }
+}
+
+impl<P> Call<P> {
+    /// Authorises the caller for `right`, then checks `api-version`; returns the path ids.
+    fn begin(&mut self, app: &App, right: Right) -> Result<P, HubError> {
+        let authorization = self
+            .headers
+            .get(AUTHORIZATION)
+            .map(|v| v.to_str().unwrap_or("(not text)"));
+        app.hub.authorize(authorization, right)?;
+        require_api_version(&self.uri)?;
+        std::mem::replace(
+            &mut self.path,
+            Err(HubError::server_error("path already taken")),
+        )
+    }
+
+    /// `If-Match`, raw (the hub interprets quoting).
+    fn if_match(&self) -> Result<Option<String>, HubError> {
+        self.headers
+            .get(IF_MATCH)
+            .map(|v| {
+                v.to_str()
+                    .map(str::to_owned)
+                    .map_err(|_| HubError::argument_invalid("If-Match is not text"))
+            })
+            .transpose()
+    }
+
+    /// The body as JSON, whatever the declared content type.
+    fn json(&self) -> Result<Value, HubError> {
+        let bytes = self.body.as_ref().map_err(Clone::clone)?;
+        serde_json::from_slice(bytes)
+            .map_err(|e| HubError::format_error(format!("request body is not valid JSON: {e}")))
+    }
+}
+
+fn require_api_version(uri: &Uri) -> Result<(), HubError> {
+    let present = uri.query().is_some_and(|q| {
+        q.split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .any(|(k, v)| k == "api-version" && !v.is_empty())
+    });
+    if present {
+        Ok(())
+    } else {
+        Err(HubError::argument_invalid(
+            "the api-version query parameter is required",
+        ))
+    }
+}
+
+/// Runs a hub call that may write the state directory off the async workers.
+async fn blocking<T, F>(f: F) -> Result<T, HubError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, HubError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| HubError::server_error("the operation failed unexpectedly"))?
+}
+
+// ---- devices and modules -------------------------------------------------------------
+
+async fn get_device(State(app): State<App>, mut call: Call<String>) -> Response {
+    respond(async move {
+        let d = call.begin(&app, Right::RegistryRead)?;
+        Ok((StatusCode::OK, Some(app.hub.get_device(&d)?)))
+    })
+    .await
+}
+
+async fn put_device(State(app): State<App>, mut call: Call<String>) -> Response {
+    respond(async move {
+        let d = call.begin(&app, Right::RegistryWrite)?;
+        let body = call.json()?;
+        let if_match = call.if_match()?;
+        let hub = app.hub.clone();
+        let doc = blocking(move || hub.put_device(&d, &body, if_match.as_deref())).await?;
+        Ok((StatusCode::OK, Some(doc)))
+    })
+    .await
+}
+
+async fn delete_device(State(app): State<App>, mut call: Call<String>) -> Response {
+    respond(async move {
+        let d = call.begin(&app, Right::RegistryWrite)?;
+        let if_match = call.if_match()?;
+        let hub = app.hub.clone();
+        blocking(move || hub.delete_device(&d, if_match.as_deref())).await?;
+        Ok((StatusCode::NO_CONTENT, None))
+    })
+    .await
+}
+
+async fn list_modules(State(app): State<App>, mut call: Call<String>) -> Response {
+    respond(async move {
+        let d = call.begin(&app, Right::RegistryRead)?;
+        Ok((StatusCode::OK, Some(app.hub.list_modules(&d)?)))
+    })
+    .await
+}
+
+async fn get_module(State(app): State<App>, mut call: Call<(String, String)>) -> Response {
+    respond(async move {
+        let (d, m) = call.begin(&app, Right::RegistryRead)?;
+        Ok((StatusCode::OK, Some(app.hub.get_module(&d, &m)?)))
+    })
+    .await
+}
+
+async fn put_module(State(app): State<App>, mut call: Call<(String, String)>) -> Response {
+    respond(async move {
+        let (d, m) = call.begin(&app, Right::RegistryWrite)?;
+        let body = call.json()?;
+        let if_match = call.if_match()?;
+        let hub = app.hub.clone();
+        let doc = blocking(move || hub.put_module(&d, &m, &body, if_match.as_deref())).await?;
+        Ok((StatusCode::OK, Some(doc)))
+    })
+    .await
+}
+
+async fn delete_module(State(app): State<App>, mut call: Call<(String, String)>) -> Response {
+    respond(async move {
+        let (d, m) = call.begin(&app, Right::RegistryWrite)?;
+        let if_match = call.if_match()?;
+        let hub = app.hub.clone();
+        blocking(move || hub.delete_module(&d, &m, if_match.as_deref())).await?;
+        Ok((StatusCode::NO_CONTENT, None))
+    })
+    .await
+}
+
+// ---- module twins and methods --------------------------------------------------------
+
+async fn get_twin(State(app): State<App>, mut call: Call<(String, String)>) -> Response {
+    respond(async move {
+        let (d, m) = call.begin(&app, Right::ServiceConnect)?;
+        Ok((StatusCode::OK, Some(app.hub.get_module_twin(&d, &m)?)))
+    })
+    .await
+}
+
+async fn patch_twin(State(app): State<App>, call: Call<(String, String)>) -> Response {
+    write_twin(app, call, TwinWrite::Patch).await
+}
+
+async fn replace_twin(State(app): State<App>, call: Call<(String, String)>) -> Response {
+    write_twin(app, call, TwinWrite::Replace).await
+}
+
+async fn write_twin(app: App, mut call: Call<(String, String)>, how: TwinWrite) -> Response {
+    respond(async move {
+        let (d, m) = call.begin(&app, Right::ServiceConnect)?;
+        let body = call.json()?;
+        let if_match = call.if_match()?;
+        let hub = app.hub.clone();
+        let doc = blocking(move || hub.write_module_twin(&d, &m, how, &body, if_match.as_deref()))
+            .await?;
+        Ok((StatusCode::OK, Some(doc)))
+    })
+    .await
+}
+
+async fn invoke_method(State(app): State<App>, mut call: Call<(String, String)>) -> Response {
+    respond(async move {
+        let (d, m) = call.begin(&app, Right::ServiceConnect)?;
+        let request = call.json()?;
+        let result = tokio::select! {
+            r = app.hub.invoke_module_method(&d, &m, &request) => r?,
+            () = app.shutdown.cancelled() => {
+                return Err(HubError::new(
+                    503,
+                    503001,
+                    "ServiceUnavailable",
+                    "the hub is shutting down",
+                ))
+            }
+        };
+        Ok((StatusCode::OK, Some(result)))
+    })
+    .await
+}
+
+// ---- MQTT over WebSocket -------------------------------------------------------------
+
+/// `GET /$iothub/websocket` with subprotocol `mqtt`: upgrade and hand the byte stream to
+/// the MQTT server. The bridge task counts as one of the emulator's tasks.
+async fn websocket(
+    State(app): State<App>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if !offers_mqtt(&headers) {
+        return error_response(&HubError::argument_invalid(
+            "WebSocket connections must request the 'mqtt' subprotocol",
+        ));
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return error_response(&HubError::argument_invalid(format!(
+                "not a valid WebSocket upgrade: {}",
+                e.body_text()
+            )))
+        }
+    };
+    let token = app.tasks.token();
+    let (hub, shutdown) = (app.hub.clone(), app.shutdown.clone());
+    ws.protocols(["mqtt"])
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
+        .on_upgrade(move |socket| async move {
+            let _token = token;
+            super::websocket::bridge(socket, hub, shutdown).await;
+        })
+}
+
+fn offers_mqtt(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("mqtt"))
 }
