@@ -8,16 +8,14 @@
 //! close the connection, subscriptions are granted at most QoS 1, everything the hub sends
 //! is QoS 0. Packets use rumqttc's MQTT 3.1.1 codec.
 
-use std::io;
 use std::time::{Duration, SystemTime};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{
-    read, ConnAck, Connect, ConnectReturnCode, Packet, PingResp, PubAck, Publish, SubAck,
-    SubscribeReasonCode, UnsubAck,
+    ConnectReturnCode, Packet, PingResp, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
-use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use rumqttc::mqttbytes::{Error as CodecError, QoS};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_rustls::TlsAcceptor;
@@ -25,8 +23,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, Instrument as _};
 
+mod connect;
+mod packet_io;
+
+use self::connect::{authenticate, refuse_in_place, Will};
+use self::packet_io::{packet_name, PacketIo, ReadError};
 use super::device_side::MAX_TELEMETRY_BYTES;
-use super::hub::{Accepted, Hub, ModuleKey, Outbound, SimEvent};
+use super::hub::{Accepted, Hub, ModuleKey, Outbound};
 use super::topics::{parse_publish_topic, ClientTopic};
 
 /// Largest packet read: a maximal telemetry message plus room for its topic and headers.
@@ -37,8 +40,6 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle limit whatever the keep-alive (the Azure load balancer's, PROTOCOL §3.5).
 pub const MAX_IDLE: Duration = Duration::from_secs(1767);
-/// A client that does not take our bytes for this long is cut.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for a token expiry (keeps `Instant` arithmetic far from overflow).
 const MAX_TOKEN_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Outbound bytes batched into one write.
@@ -146,135 +147,6 @@ where
     session
         .run(io, accepted, connect.keep_alive, will, shutdown)
         .await;
-}
-
-/// Checks the CONNECT, asks the hub, and answers CONNACK. `None` when refused (the
-/// connection is then closed).
-async fn authenticate<S>(
-    io: &mut PacketIo<S>,
-    hub: &Hub,
-    connect: &Connect,
-    shutdown: &CancellationToken,
-) -> Option<(Accepted, Option<Will>)>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let client_id = connect.client_id.as_str();
-    let refusal = if connect.protocol != Protocol::V4 {
-        Some((
-            ConnectReturnCode::RefusedProtocolVersion,
-            "MQTT 5 is not supported; only MQTT 3.1.1".to_string(),
-        ))
-    } else {
-        match &connect.login {
-            Some(l) if !l.username.is_empty() && !l.password.is_empty() => None,
-            _ => Some((
-                ConnectReturnCode::NotAuthorized,
-                "CONNECT lacks a user name or a password".to_string(),
-            )),
-        }
-    };
-    if let Some((code, reason)) = refusal {
-        refuse_in_place(io, hub, client_id, code, &reason, shutdown).await;
-        return None;
-    }
-    let will = match Will::from_connect(connect) {
-        Ok(w) => w,
-        Err(reason) => {
-            let code = ConnectReturnCode::NotAuthorized;
-            refuse_in_place(io, hub, client_id, code, &reason, shutdown).await;
-            return None;
-        }
-    };
-    let login = connect.login.as_ref()?;
-    match hub.connect(
-        client_id,
-        &login.username,
-        &login.password,
-        connect.clean_session,
-    ) {
-        Ok(accepted) => {
-            let ack = ConnAck::new(ConnectReturnCode::Success, accepted.session_present);
-            let written = match ack.write(&mut io.wbuf) {
-                Ok(_) => io.flush(shutdown).await,
-                Err(e) => Err(io::Error::other(e)),
-            };
-            if let Err(e) = written {
-                debug!(client_id, error = %e, "emulator: MQTT CONNACK could not be sent");
-                hub.disconnect(accepted.conn_id, &accepted.module);
-                io.shutdown().await;
-                return None;
-            }
-            debug!(
-                client_id,
-                conn_id = accepted.conn_id,
-                session_present = accepted.session_present,
-                clean_session = connect.clean_session,
-                keep_alive = connect.keep_alive,
-                "emulator: MQTT connection accepted"
-            );
-            Some((accepted, will))
-        }
-        Err(reason) => {
-            // The hub already emitted ConnectRefused; never log the password.
-            debug!(client_id, %reason, "emulator: MQTT CONNECT refused (CONNACK 5)");
-            let _ = ConnAck::new(ConnectReturnCode::NotAuthorized, false).write(&mut io.wbuf);
-            let _ = io.flush(shutdown).await;
-            io.shutdown().await;
-            None
-        }
-    }
-}
-
-/// CONNACK with a refusal, event, log, close.
-async fn refuse_in_place<S>(
-    io: &mut PacketIo<S>,
-    hub: &Hub,
-    client_id: &str,
-    code: ConnectReturnCode,
-    reason: &str,
-    shutdown: &CancellationToken,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    debug!(client_id, reason, code = ?code, "emulator: MQTT CONNECT refused");
-    hub.emit(SimEvent::ConnectRefused {
-        client_id: client_id.to_string(),
-        reason: reason.to_string(),
-    });
-    let _ = ConnAck::new(code, false).write(&mut io.wbuf);
-    let _ = io.flush(shutdown).await;
-    io.shutdown().await;
-}
-
-/// A last will: forwarded as telemetry with `iothub-MessageType=Will` when the connection
-/// ends without DISCONNECT (PROTOCOL §3.2).
-struct Will {
-    properties: Vec<(String, Option<String>)>,
-    payload: Bytes,
-}
-
-impl Will {
-    fn from_connect(connect: &Connect) -> Result<Option<Will>, String> {
-        let Some(w) = &connect.last_will else {
-            return Ok(None);
-        };
-        let identity = connect.client_id.split_once('/');
-        match parse_publish_topic(&w.topic) {
-            Ok(ClientTopic::Telemetry {
-                device_id,
-                module_id,
-                mut properties,
-            }) if identity == Some((device_id.as_str(), module_id.as_str())) => {
-                properties.push(("iothub-MessageType".into(), Some("Will".into())));
-                Ok(Some(Will {
-                    properties,
-                    payload: w.message.clone(),
-                }))
-            }
-            _ => Err("the will topic must be the module's telemetry topic".into()),
-        }
-    }
 }
 
 /// Why a connection ended.
@@ -505,84 +377,6 @@ fn deadline_from(expires_at: SystemTime) -> Instant {
     Instant::now() + left.min(MAX_TOKEN_WAIT)
 }
 
-fn packet_name(p: &Packet) -> &'static str {
-    match p {
-        Packet::Connect(_) => "CONNECT",
-        Packet::ConnAck(_) => "CONNACK",
-        Packet::Publish(_) => "PUBLISH",
-        Packet::PubAck(_) => "PUBACK",
-        Packet::PubRec(_) => "PUBREC",
-        Packet::PubRel(_) => "PUBREL",
-        Packet::PubComp(_) => "PUBCOMP",
-        Packet::Subscribe(_) => "SUBSCRIBE",
-        Packet::SubAck(_) => "SUBACK",
-        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
-        Packet::UnsubAck(_) => "UNSUBACK",
-        Packet::PingReq => "PINGREQ",
-        Packet::PingResp => "PINGRESP",
-        Packet::Disconnect => "DISCONNECT",
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum ReadError {
-    #[error("client closed the connection")]
-    Eof,
-    #[error("read failed: {0}")]
-    Io(#[from] io::Error),
-    #[error("malformed packet: {0}")]
-    Codec(CodecError),
-}
-
-/// The stream with its read and write buffers.
-struct PacketIo<S> {
-    stream: S,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> PacketIo<S> {
-    /// The next complete packet. Cancel-safe: bytes read so far stay in `rbuf`.
-    async fn read_packet(&mut self) -> Result<Packet, ReadError> {
-        loop {
-            match read(&mut self.rbuf, MAX_PACKET_SIZE) {
-                Ok(p) => return Ok(p),
-                Err(CodecError::InsufficientBytes(n)) => {
-                    self.rbuf.reserve(n.max(1024));
-                    if self.stream.read_buf(&mut self.rbuf).await? == 0 {
-                        return Err(ReadError::Eof);
-                    }
-                }
-                Err(e) => return Err(ReadError::Codec(e)),
-            }
-        }
-    }
-
-    /// Writes out the write buffer; gives up on a client that stops reading.
-    async fn flush(&mut self, shutdown: &CancellationToken) -> io::Result<()> {
-        if self.wbuf.is_empty() {
-            return Ok(());
-        }
-        let write = async {
-            self.stream.write_all(&self.wbuf).await?;
-            self.stream.flush().await
-        };
-        let r = tokio::select! {
-            r = timeout(WRITE_TIMEOUT, write) => r.unwrap_or_else(|_| {
-                Err(io::Error::new(io::ErrorKind::TimedOut, "client is not reading"))
-            }),
-            _ = shutdown.cancelled() => Err(io::Error::other("emulator shutting down")),
-        };
-        self.wbuf.clear();
-        r
-    }
-
-    /// Closes the stream (TLS close_notify where applicable), briefly.
-    async fn shutdown(&mut self) {
-        let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -603,54 +397,5 @@ mod tests {
         assert!(deadline_from(far) > Instant::now());
         let past = SystemTime::UNIX_EPOCH;
         assert!(deadline_from(past) <= Instant::now());
-    }
-
-    #[tokio::test]
-    async fn packets_split_across_reads_are_reassembled() {
-        let (client, server) = tokio::io::duplex(64);
-        let mut io = PacketIo {
-            stream: server,
-            rbuf: BytesMut::new(),
-            wbuf: BytesMut::new(),
-        };
-        let mut p = Publish::new("a/b", QoS::AtLeastOnce, vec![7u8; 1000]);
-        p.pkid = 9;
-        let mut good = BytesMut::new();
-        p.write(&mut good).expect("encodes");
-        let writer = tokio::spawn(async move {
-            let mut client = client;
-            for chunk in good.chunks(7) {
-                client.write_all(chunk).await.expect("write");
-            }
-            client
-        });
-        match io.read_packet().await {
-            Ok(Packet::Publish(got)) => {
-                assert_eq!(got.pkid, 9);
-                assert_eq!(got.payload.len(), 1000);
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        drop(writer.await);
-        assert!(matches!(io.read_packet().await, Err(ReadError::Eof)));
-    }
-
-    #[tokio::test]
-    async fn oversized_packet_is_malformed() {
-        let (mut client, server) = tokio::io::duplex(64);
-        let mut io = PacketIo {
-            stream: server,
-            rbuf: BytesMut::new(),
-            wbuf: BytesMut::new(),
-        };
-        // PUBLISH with a remaining length of 0x0FFFFFFF.
-        client
-            .write_all(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F])
-            .await
-            .expect("write");
-        assert!(matches!(
-            io.read_packet().await,
-            Err(ReadError::Codec(CodecError::PayloadSizeLimitExceeded(_)))
-        ));
     }
 }

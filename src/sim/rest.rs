@@ -12,10 +12,8 @@ use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use axum::body::Bytes;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, IF_MATCH, SEC_WEBSOCKET_PROTOCOL};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, IF_MATCH};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -153,7 +151,10 @@ pub(super) fn router(app: App) -> Router {
             "/twins/:device/modules/:module/methods",
             methods(post(invoke_method)),
         )
-        .route("/$iothub/websocket", methods(get(websocket)))
+        .route(
+            "/$iothub/websocket",
+            methods(get(super::websocket::upgrade)),
+        )
         .fallback(not_found)
         .layer(middleware::from_fn(log_request))
         .with_state(app)
@@ -445,46 +446,4 @@ async fn invoke_method(State(app): State<App>, mut call: Call<(String, String)>)
         Ok((StatusCode::OK, Some(result)))
     })
     .await
-}
-
-// ---- MQTT over WebSocket -------------------------------------------------------------
-
-/// `GET /$iothub/websocket` with subprotocol `mqtt`: upgrade and hand the byte stream to
-/// the MQTT server. The bridge task counts as one of the emulator's tasks.
-async fn websocket(
-    State(app): State<App>,
-    headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    if !offers_mqtt(&headers) {
-        return error_response(&HubError::argument_invalid(
-            "WebSocket connections must request the 'mqtt' subprotocol",
-        ));
-    }
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(e) => {
-            return error_response(&HubError::argument_invalid(format!(
-                "not a valid WebSocket upgrade: {}",
-                e.body_text()
-            )))
-        }
-    };
-    let token = app.tasks.token();
-    let (hub, shutdown) = (app.hub.clone(), app.shutdown.clone());
-    ws.protocols(["mqtt"])
-        .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
-        .on_upgrade(move |socket| async move {
-            let _token = token;
-            super::websocket::bridge(socket, hub, shutdown).await;
-        })
-}
-
-fn offers_mqtt(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim().eq_ignore_ascii_case("mqtt"))
 }

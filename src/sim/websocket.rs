@@ -5,17 +5,24 @@
 //! Closing: when the client closes (or the socket fails) the pipe's write side is shut,
 //! the MQTT server sees end-of-stream and finishes; when the MQTT server finishes (the hub
 //! dropped the client, or the emulator stops) the bridge sends a WebSocket Close and gives
-//! the client [`CLOSE_GRACE`] to answer it.
+//! the client [`CLOSE_GRACE`] to answer it (no wait once the emulator is stopping).
 
 use std::time::Duration;
 
-use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::header::SEC_WEBSOCKET_PROTOCOL;
+use axum::http::HeaderMap;
+use axum::response::Response;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
+use super::errors::HubError;
 use super::hub::Hub;
+use super::rest::{error_response, App};
 
 /// Bytes buffered in each direction of the pipe.
 const PIPE_CAPACITY: usize = 64 * 1024;
@@ -23,6 +30,46 @@ const PIPE_CAPACITY: usize = 64 * 1024;
 const FRAME_MAX: usize = 16 * 1024;
 /// How long a client gets to answer our Close before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// `GET /$iothub/websocket` with subprotocol `mqtt`: upgrade and hand the byte stream to
+/// the MQTT server. The bridge task counts as one of the emulator's tasks.
+pub(super) async fn upgrade(
+    State(app): State<App>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if !offers_mqtt(&headers) {
+        return error_response(&HubError::argument_invalid(
+            "WebSocket connections must request the 'mqtt' subprotocol",
+        ));
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return error_response(&HubError::argument_invalid(format!(
+                "not a valid WebSocket upgrade: {}",
+                e.body_text()
+            )))
+        }
+    };
+    let token = app.tasks.token();
+    let (hub, shutdown) = (app.hub.clone(), app.shutdown.clone());
+    ws.protocols(["mqtt"])
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
+        .on_upgrade(move |socket| async move {
+            let _token = token;
+            bridge(socket, hub, shutdown).await;
+        })
+}
+
+fn offers_mqtt(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("mqtt"))
+}
 
 /// Serves one MQTT client over an upgraded WebSocket until either side closes.
 pub(super) async fn bridge(socket: WebSocket, hub: Hub, shutdown: CancellationToken) {
