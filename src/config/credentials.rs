@@ -1,0 +1,126 @@
+//! Where connection strings come from, and reading them without ever showing them.
+//!
+//! `config` decides the [`CredentialSource`] at load time; [`CredentialSource::read`] is
+//! called later by whoever needs the text (the session, provisioning) and hands it to
+//! `identity` for parsing. Nothing here parses a connection string or prints one.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use super::errors::ConfigErrors;
+
+/// File name of the module credential in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
+pub const SYSTEMD_MODULE_CREDENTIAL: &str = "module-connection-string";
+/// File name of the service credential in `$CREDENTIALS_DIRECTORY`.
+pub const SYSTEMD_SERVICE_CREDENTIAL: &str = "service-connection-string";
+/// File name of the module credential that provisioning writes into the state dir.
+pub const PROVISIONED_MODULE_CREDENTIAL: &str = "module.connstr";
+
+pub(crate) const REDACTED: &str = "<redacted>";
+
+/// A secret string whose `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(text: impl Into<String>) -> Self {
+        Secret(text.into())
+    }
+
+    /// The secret itself, for the one place that signs with it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+/// Which of the documented places a connection string is taken from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialSource {
+    /// Written in the config itself (`hub.connection_string`).
+    Inline(Secret),
+    /// A file named by the config (`hub.connection_string_file`).
+    File(PathBuf),
+    /// A systemd credential, `$CREDENTIALS_DIRECTORY/<name>`.
+    SystemdCredential(PathBuf),
+    /// `<state.dir>/module.connstr`, written by provisioning; may not exist yet.
+    Provisioned(PathBuf),
+}
+
+impl CredentialSource {
+    /// The file this source reads, if it is one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            CredentialSource::Inline(_) => None,
+            CredentialSource::File(p)
+            | CredentialSource::SystemdCredential(p)
+            | CredentialSource::Provisioned(p) => Some(p),
+        }
+    }
+
+    /// The connection string text, trimmed. `Ok(None)` only for a provisioned credential
+    /// that provisioning has not written yet. `key` names the setting in errors.
+    pub fn read(&self, key: &str) -> Result<Option<String>, ConfigErrors> {
+        let path = match self {
+            CredentialSource::Inline(secret) => return Ok(Some(secret.expose().trim().to_owned())),
+            CredentialSource::Provisioned(path) if !path.exists() => return Ok(None),
+            CredentialSource::File(path)
+            | CredentialSource::SystemdCredential(path)
+            | CredentialSource::Provisioned(path) => path,
+        };
+        let origin = Some(path.display().to_string());
+        // The error text names the file and the OS reason only; never the content.
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors::single(key, origin.clone(), format!("cannot read: {e}")))?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(ConfigErrors::single(key, origin, "file is empty"));
+        }
+        Ok(Some(text.to_owned()))
+    }
+}
+
+/// `$CREDENTIALS_DIRECTORY/<name>` when systemd passed that credential.
+pub(crate) fn systemd_credential(name: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
+    let path = Path::new(&dir).join(name);
+    path.is_file().then_some(path)
+}
+
+/// Picks the source among an inline secret, a file, and the systemd credential `name`,
+/// in that order of precedence. Both inline and file set is refused: which one the
+/// operator meant cannot be guessed, and the wrong guess would connect as someone else.
+pub(crate) fn choose(
+    inline: (&str, &str),
+    file: (&str, &str),
+    systemd_name: &str,
+    origin: impl Fn(&str) -> Option<String>,
+    errors: &mut ConfigErrors,
+) -> Option<CredentialSource> {
+    let (inline_key, inline) = inline;
+    let (file_key, file) = file;
+    match (inline.trim().is_empty(), file.trim().is_empty()) {
+        (false, false) => {
+            errors.push(
+                inline_key,
+                origin(inline_key),
+                format!("set either {inline_key} or {file_key}, not both"),
+            );
+            None
+        }
+        (false, true) => Some(CredentialSource::Inline(Secret::new(inline.trim()))),
+        (true, false) => Some(CredentialSource::File(PathBuf::from(file.trim()))),
+        (true, true) => systemd_credential(systemd_name).map(CredentialSource::SystemdCredential),
+    }
+}
