@@ -11,10 +11,13 @@
 //! - [`store`]: atomic, durable file writes.
 //! - [`hub`]: the daemon's MQTT session to IoT Hub (one task owns the event loop).
 //! - [`systemd`]: sd_notify READY/STATUS/RELOADING/STOPPING and the progress-gated watchdog.
+//! - [`agent`]: sole owner of the runtime state: applies, persists, acknowledges,
+//!   telemetry, direct methods, change hook.
 //! - [`registry`]: the service REST client (registry, twins, methods).
 //! - [`demo`]: the tutorial end to end on the embedded emulator.
 //! - [`cli`]: clap definitions of the command line.
 
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod demo;
