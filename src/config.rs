@@ -10,7 +10,7 @@
 //! and the environment but must never connect anywhere, and never print a secret: the
 //! `Debug` of `Settings` and [`Settings::redacted_toml`] redact connection strings.
 //!
-//! - [`raw`]: serde mirrors of the file format and the figment layering.
+//! - `raw`: serde mirrors of the file format and the figment layering.
 //! - [`duration`]: `"500ms"`, `"60s"`, `"1h"` parsing.
 //! - [`credentials`]: where connection strings come from; [`Secret`].
 //! - `validate`: raw → typed, cross-field checks.
@@ -19,7 +19,7 @@
 pub mod credentials;
 pub mod duration;
 pub mod errors;
-pub mod raw;
+mod raw;
 mod redact;
 mod validate;
 
@@ -100,6 +100,10 @@ pub struct GatewayHost {
 pub struct Proxy(String);
 
 impl Proxy {
+    pub fn new(url: impl Into<String>) -> Self {
+        Proxy(url.into())
+    }
+
     pub fn url(&self) -> &str {
         &self.0
     }
