@@ -22,6 +22,8 @@ pub const MAX_MODULES_PER_DEVICE: usize = 20;
 /// Default and bounds of a method's response timeout (seconds).
 pub const METHOD_TIMEOUT_DEFAULT: u64 = 30;
 pub const METHOD_TIMEOUT_MAX: u64 = 300;
+/// Method payloads are limited to 128 KB each way.
+pub const METHOD_PAYLOAD_MAX: usize = 128 * 1024;
 
 /// Which half of a twin document a REST write replaces or merges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,6 +220,17 @@ impl Hub {
                 "'{module_id}' is not a valid module id"
             )));
         }
+        for (field, expected) in [("deviceId", device_id), ("moduleId", module_id)] {
+            if body
+                .get(field)
+                .and_then(Value::as_str)
+                .is_some_and(|v| v != expected)
+            {
+                return Err(HubError::argument_invalid(format!(
+                    "{field} in the body differs from the path"
+                )));
+            }
+        }
         let (primary_key, secondary_key) = sas_keys(body)?;
         let managed_by = body
             .get("managedBy")
@@ -329,7 +342,7 @@ impl Hub {
 
     pub fn get_module_twin(&self, device_id: &str, module_id: &str) -> Result<Value, HubError> {
         let st = self.state();
-        Ok(twin_doc(&st, device_id, module_id)?)
+        twin_doc(&st, device_id, module_id)
     }
 
     /// `PATCH` (merge) or `PUT` (replace) of a module twin's tags and desired properties,
@@ -450,6 +463,11 @@ impl Hub {
             .unwrap_or(METHOD_TIMEOUT_DEFAULT)
             .clamp(1, METHOD_TIMEOUT_MAX);
         let payload = request.get("payload").cloned().unwrap_or(Value::Null);
+        if payload.to_string().len() > METHOD_PAYLOAD_MAX {
+            return Err(HubError::too_large(format!(
+                "method payload exceeds {METHOD_PAYLOAD_MAX} bytes"
+            )));
+        }
         let key = ModuleKey {
             device_id: device_id.into(),
             module_id: module_id.into(),

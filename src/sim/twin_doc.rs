@@ -270,7 +270,8 @@ pub fn check_patch(patch: &Map<String, Value>, section: &str) -> Result<(), HubE
         }
         Ok(())
     }
-    walk(patch, 1, section)
+    // The section itself is level 0: desired may hold ten nested objects, not eleven.
+    walk(patch, 0, section)
 }
 
 fn check_key(key: &str, section: &str) -> Result<(), HubError> {
@@ -387,7 +388,7 @@ mod tests {
     #[test]
     fn too_deep_patch_is_rejected_and_twin_unchanged() {
         let mut deep = json!(1);
-        for _ in 0..11 {
+        for _ in 0..12 {
             deep = json!({ "k": deep });
         }
         let mut t = ModuleTwin::new("t0");
