@@ -108,11 +108,17 @@ impl Env {
         .await
     }
 
+    /// `d` and `m` are path segments, already percent-encoded; the body carries the ids.
     async fn create_module(&self, d: &str, m: &str) -> Value {
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
         self.ok(
             Method::PUT,
             &format!("/devices/{d}/modules/{m}"),
-            Some(json!({"moduleId": m, "deviceId": d,
+            Some(json!({"moduleId": decode(m), "deviceId": decode(d),
                         "authentication": {"symmetricKey": {}, "type": "sas"}})),
         )
         .await

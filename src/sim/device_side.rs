@@ -16,7 +16,7 @@ use super::hub::{
     Right, SimEvent, State, Telemetry, DESIRED_FILTER, MAX_SUBSCRIPTIONS, METHODS_FILTER,
     OUTBOUND_CAPACITY, TELEMETRY_KEEP,
 };
-use crate::identity::{SasToken, SharedKey};
+use crate::identity::{SasError, SasToken, SharedKey};
 
 /// Largest device-to-cloud message the hub accepts (PROTOCOL §3.6).
 pub const MAX_TELEMETRY_BYTES: usize = 256 * 1024;
@@ -126,24 +126,15 @@ impl Hub {
             },
         };
         let now = unix_now();
-        let mut last_err = None;
-        let ok = keys.iter().any(|k| {
-            let Ok(key) = SharedKey::from_base64(k) else {
-                return false;
-            };
-            match token.verify(&key, now) {
-                Ok(()) => true,
-                Err(e) => {
-                    last_err = Some(e.to_string());
-                    false
-                }
+        // A genuine but expired token says more than a signature mismatch with the other key.
+        let mut outcome = Err(SasError::BadSignature);
+        for key in keys.iter().filter_map(|k| SharedKey::from_base64(k).ok()) {
+            outcome = token.verify(&key, now);
+            if outcome.is_ok() || matches!(outcome, Err(SasError::Expired { .. })) {
+                break;
             }
-        });
-        if !ok {
-            return Err(Refused::BadToken(
-                last_err.unwrap_or_else(|| "signature mismatch".into()),
-            ));
         }
+        outcome.map_err(|e| Refused::BadToken(e.to_string()))?;
 
         // One connection per identity: the newer one wins (400027 on the real hub).
         if let Some(old) = st.connections.remove(&module) {
@@ -190,7 +181,9 @@ impl Hub {
             conn_id,
             module,
             session_present,
-            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(token.expiry),
+            expires_at: SystemTime::UNIX_EPOCH
+                .checked_add(Duration::from_secs(token.expiry))
+                .unwrap_or(SystemTime::UNIX_EPOCH + Duration::from_secs(u32::MAX.into())),
             outbound: rx,
         })
     }
@@ -447,12 +440,21 @@ impl Hub {
     /// Closes every client connection (fault injection and shutdown).
     pub fn drop_all_connections(&self) {
         let mut st = self.state();
-        for (_, c) in st.connections.drain() {
-            let _ = c.tx.try_send(Outbound::Close {
-                reason: "connection dropped by the hub",
-            });
-        }
+        let dropped: Vec<ModuleKey> = st
+            .connections
+            .drain()
+            .map(|(module, c)| {
+                let _ = c.tx.try_send(Outbound::Close {
+                    reason: "connection dropped by the hub",
+                });
+                module
+            })
+            .collect();
         st.volatile_sessions.clear();
+        drop(st);
+        for module in dropped {
+            self.emit(SimEvent::Disconnected { module });
+        }
     }
 
     /// Pushes a desired-property notification to the module if it is connected and

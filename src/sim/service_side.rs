@@ -166,12 +166,15 @@ impl Hub {
                 );
             }
         }
-        if !enabled {
-            close_device_connections(&mut st, device_id);
-        }
+        let closed = if enabled {
+            Vec::new()
+        } else {
+            close_device_connections(&mut st, device_id)
+        };
         let doc = device_doc(&st, device_id);
         let pending = self.snapshot(&st);
         drop(st);
+        self.announce_disconnects(closed);
         self.commit(pending)?;
         Ok(doc)
     }
@@ -194,7 +197,7 @@ impl Hub {
         if !if_match_allows(if_match, &identity_etag(d.etag_seq)) {
             return Err(HubError::precondition_failed("device etag does not match"));
         }
-        close_device_connections(&mut st, device_id);
+        let closed = close_device_connections(&mut st, device_id);
         st.data.devices.remove(device_id);
         let prefix = format!("{device_id}/");
         st.data
@@ -202,6 +205,7 @@ impl Hub {
             .retain(|client, _| !client.starts_with(&prefix));
         let pending = self.snapshot(&st);
         drop(st);
+        self.announce_disconnects(closed);
         self.commit(pending)
     }
 
@@ -324,10 +328,12 @@ impl Hub {
             device_id: device_id.into(),
             module_id: module_id.into(),
         };
+        let mut closed = Vec::new();
         if let Some(c) = st.connections.remove(&key) {
             let _ = c.tx.try_send(super::hub::Outbound::Close {
                 reason: "module identity deleted",
             });
+            closed.push(key.clone());
         }
         st.data.sessions.remove(&key.to_string());
         if let Some(d) = st.data.devices.get_mut(device_id) {
@@ -335,6 +341,7 @@ impl Hub {
         }
         let pending = self.snapshot(&st);
         drop(st);
+        self.announce_disconnects(closed);
         self.commit(pending)
     }
 
@@ -441,6 +448,12 @@ impl Hub {
         Ok(doc)
     }
 
+    fn announce_disconnects(&self, modules: Vec<ModuleKey>) {
+        for module in modules {
+            self.emit(SimEvent::Disconnected { module });
+        }
+    }
+
     // ---- direct methods ------------------------------------------------------------
 
     /// `POST /twins/{d}/modules/{m}/methods`: forwards to the connected module and waits for
@@ -504,20 +517,23 @@ impl Hub {
     }
 }
 
-fn close_device_connections(st: &mut State, device_id: &str) {
+/// Closes the device's module connections; returns them so the caller can announce the
+/// disconnects once the lock is released.
+fn close_device_connections(st: &mut State, device_id: &str) -> Vec<ModuleKey> {
     let keys: Vec<ModuleKey> = st
         .connections
         .keys()
         .filter(|k| k.device_id == device_id)
         .cloned()
         .collect();
-    for k in keys {
-        if let Some(c) = st.connections.remove(&k) {
+    for k in &keys {
+        if let Some(c) = st.connections.remove(k) {
             let _ = c.tx.try_send(super::hub::Outbound::Close {
                 reason: "device disabled or deleted",
             });
         }
     }
+    keys
 }
 
 fn find_module<'a>(
