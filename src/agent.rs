@@ -79,6 +79,8 @@ pub struct Agent {
     retry_at: Option<Instant>,
     get_retry_at: Option<Instant>,
     next_telemetry: Option<Instant>,
+    /// The telemetry period the timer was last set with.
+    interval: Duration,
     published: watch::Sender<RuntimeState>,
     hook: HookRunner,
     heartbeat: Heartbeat,
@@ -104,6 +106,7 @@ impl Agent {
             retry_at: None,
             get_retry_at: None,
             next_telemetry: None,
+            interval: Duration::ZERO,
             published,
             hook: HookRunner::spawn(hook::HOOK_TIMEOUT),
             heartbeat,
@@ -254,7 +257,6 @@ impl Agent {
 
     /// Persist, queue the acks, GET if needed, act on the new state (rules 3–7).
     async fn outcome(&mut self, out: Outcome, links: &AgentLinks) {
-        let interval_before = self.sync.telemetry_interval();
         log_outcome(&out);
         if out.changed {
             self.publish_state();
@@ -266,7 +268,7 @@ impl Agent {
         if !out.reported.is_empty() {
             self.pending.push(out.reported);
         }
-        if self.sync.telemetry_interval() != interval_before {
+        if self.sync.telemetry_interval() != self.interval {
             self.reschedule_telemetry();
         }
         if out.need_full_get {
@@ -351,6 +353,7 @@ impl Agent {
     }
 
     fn reschedule_telemetry(&mut self) {
+        self.interval = self.sync.telemetry_interval();
         self.next_telemetry = self
             .config
             .telemetry_enabled

@@ -11,6 +11,8 @@
 //! - [`store`]: atomic, durable file writes.
 //! - [`hub`]: the daemon's MQTT session to IoT Hub (one task owns the event loop).
 //! - [`systemd`]: sd_notify READY/STATUS/RELOADING/STOPPING and the progress-gated watchdog.
+//! - [`app`]: the supervisor; `app::run(settings, shutdown)` is the daemon's one entry point.
+//! - [`logging`]: tracing to journald or stderr, reloadable level.
 //! - [`agent`]: sole owner of the runtime state: applies, persists, acknowledges,
 //!   telemetry, direct methods, change hook.
 //! - [`registry`]: the service REST client (registry, twins, methods).
@@ -18,11 +20,13 @@
 //! - [`cli`]: clap definitions of the command line.
 
 pub mod agent;
+pub mod app;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod hub;
 pub mod identity;
+pub mod logging;
 pub mod registry;
 pub mod sim;
 pub mod store;

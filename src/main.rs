@@ -5,11 +5,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use edgetwin::cli::{exit, Cli, Command, SimArgs};
+use edgetwin::config::Settings;
 use edgetwin::sim::{Sim, SimConfig};
+use std::path::{Path, PathBuf};
+use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -17,7 +19,14 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::SOFTWARE);
         }
     };
-    let code = runtime.block_on(dispatch(cli.command));
+    let code = match cli.command {
+        Command::Run(args) => runtime.block_on(run_daemon(args.config)),
+        Command::CheckConfig(args) => check_config(args.config),
+        other => {
+            init_logging();
+            runtime.block_on(dispatch(other))
+        }
+    };
     ExitCode::from(code)
 }
 
@@ -25,10 +34,63 @@ async fn dispatch(command: Command) -> u8 {
     match command {
         Command::Sim(args) => report(sim(args).await),
         Command::Demo => report(edgetwin::demo::run().await),
-        Command::Run(_) => not_built("run"),
+        Command::Run(_) | Command::CheckConfig(_) => exit::USAGE,
         Command::Provision(_) => not_built("provision"),
         Command::Twin(_) => not_built("twin"),
-        Command::CheckConfig(_) => not_built("check-config"),
+    }
+}
+
+/// `--config` as given, or `None` for the default path (which may then be absent).
+fn config_path(path: PathBuf) -> Option<PathBuf> {
+    (path != Path::new(edgetwin::config::DEFAULT_PATH)).then_some(path)
+}
+
+/// `edgetwin run`: the daemon, until SIGTERM/SIGINT.
+async fn run_daemon(path: PathBuf) -> u8 {
+    let path = config_path(path);
+    let settings = match Settings::load(path.as_deref()) {
+        Ok(s) => s,
+        Err(errors) => {
+            eprintln!("edgetwin: {errors}");
+            return exit::CONFIG;
+        }
+    };
+    let log = edgetwin::logging::init(&settings.log.level, settings.log.format);
+    let shutdown = CancellationToken::new();
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    let signals = tokio::spawn(edgetwin::app::handle_signals(
+        path,
+        log,
+        shutdown.clone(),
+        reload_tx,
+    ));
+    let control = edgetwin::app::RunControl {
+        reloads: Some(reload_rx),
+        on_ready: None,
+    };
+    let result = edgetwin::app::run_with(settings, shutdown, control).await;
+    signals.abort();
+    match result {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            tracing::error!(error = %e, "edgetwin stopped");
+            eprintln!("edgetwin: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// `edgetwin check-config`: validate, print the effective config with secrets redacted.
+fn check_config(path: PathBuf) -> u8 {
+    match Settings::load(config_path(path).as_deref()) {
+        Ok(settings) => {
+            print!("{}", settings.redacted_toml());
+            exit::OK
+        }
+        Err(errors) => {
+            eprintln!("edgetwin: {errors}");
+            exit::CONFIG
+        }
     }
 }
 

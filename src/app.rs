@@ -1,0 +1,421 @@
+//! The supervisor: [`run`] is the one entry point of the daemon, used by `main`, the demo
+//! and the integration tests alike.
+//!
+//! It loads the persisted state and puts it in force before any network I/O (a corrupt
+//! or foreign `state.json` is moved aside), sends READY, spawns the agent and the hub
+//! session, keeps `STATUS=` and the watchdog fed, applies reloads, and stops in order:
+//! agent (state flushed) first, then the session (MQTT DISCONNECT), within a grace
+//! period. It owns no runtime state itself and never talks to the hub directly.
+//! [`handle_signals`] turns SIGTERM/SIGINT/SIGHUP into cancellation and reloads for `main`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::agent::{Agent, AgentConfig, AgentControl, AgentLinks};
+use crate::config::{Settings, Transport};
+use crate::hub::backoff::BackoffPolicy;
+use crate::hub::session::{ConnectionState, HubTransport, Session, SessionConfig, SessionError};
+use crate::identity::ModuleCredentials;
+use crate::logging::LogHandle;
+use crate::systemd::{feed_watchdog, Heartbeat, Notifier};
+use crate::twin::{RuntimeState, StateFile};
+
+/// How long each of the agent and the session may take to stop.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a twin request may stay unanswered before it is sent again.
+pub const TWIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Exit 78.
+    #[error("{0}")]
+    Config(String),
+    /// Exit 77.
+    #[error(transparent)]
+    Unauthorized(SessionError),
+    /// Exit 78: the state directory is unusable (it is configuration, `state.dir`).
+    #[error("state directory {}: {source}", dir.display())]
+    StateDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    /// Exit 70.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl AppError {
+    /// The sysexits code `main` exits with.
+    pub fn exit_code(&self) -> u8 {
+        use crate::cli::exit;
+        match self {
+            AppError::Config(_) | AppError::StateDir { .. } => exit::CONFIG,
+            AppError::Unauthorized(_) => exit::NOPERM,
+            AppError::Internal(_) => exit::SOFTWARE,
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` is cancelled.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), AppError> {
+    run_with(settings, shutdown, RunControl::default()).await
+}
+
+/// Optional extras of [`run_with`]: reloads (SIGHUP) and a view for observers (tests).
+#[derive(Default)]
+pub struct RunControl {
+    /// Each new [`Settings`] arriving here is applied live where it can be.
+    pub reloads: Option<mpsc::Receiver<Settings>>,
+    /// Receives read-only views of the state and the connection when READY is sent.
+    pub on_ready: Option<oneshot::Sender<ReadyView>>,
+}
+
+/// What an observer can watch once the daemon is ready.
+pub struct ReadyView {
+    pub state: watch::Receiver<RuntimeState>,
+    pub connection: watch::Receiver<ConnectionState>,
+}
+
+/// [`run`], with reloads and observation.
+pub async fn run_with(
+    settings: Settings,
+    shutdown: CancellationToken,
+    control: RunControl,
+) -> Result<(), AppError> {
+    let mut reloads = control.reloads.unwrap_or_else(|| mpsc::channel(1).1);
+    let credentials = module_credentials(&settings)?;
+    let span = tracing::info_span!(
+        "edgetwin",
+        edgetwin_device = %credentials.device_id,
+        edgetwin_module = %credentials.module_id
+    );
+    let session_config = session_config(&settings, credentials.clone())?;
+    let state = load_state(&settings, &credentials)
+        .instrument(span.clone())
+        .await?;
+    let notifier = Notifier::from_env();
+    let agent_heart = Heartbeat::new();
+    let session_heart = Heartbeat::new();
+    agent_heart.beat();
+    session_heart.beat();
+    let agent_config = AgentConfig {
+        device_id: credentials.device_id.clone(),
+        module_id: credentials.module_id.clone(),
+        state_file: settings.state.state_file(),
+        ack: settings.twin.ack,
+        schema: settings.twin.schema.clone(),
+        telemetry_enabled: settings.telemetry.enabled,
+        hook: settings.hooks.on_change.clone(),
+    };
+    let (agent, mut view) = Agent::new(agent_config, state, agent_heart.clone());
+    let describe = Describe {
+        hub: credentials.host_name.clone(),
+        device: credentials.device_id.clone(),
+        module: credentials.module_id.clone(),
+    };
+    span.in_scope(|| {
+        tracing::info!(
+            edgetwin_event = "started",
+            edgetwin_twin_version = agent.state().desired_version,
+            "persisted state in force; connecting"
+        )
+    });
+    notifier.ready(&describe.status(ConnectionState::Connecting, agent.state()));
+
+    let (session, link) = Session::new(session_config, session_heart.clone());
+    let mut connection = link.state.clone();
+    if let Some(on_ready) = control.on_ready {
+        let _ = on_ready.send(ReadyView {
+            state: view.clone(),
+            connection: link.state.clone(),
+        });
+    }
+    let (control_tx, control_rx) = mpsc::channel(4);
+    let links = AgentLinks {
+        events: link.events,
+        commands: link.commands,
+        connection: link.state,
+        control: control_rx,
+    };
+    let agent_stop = CancellationToken::new();
+    let session_stop = CancellationToken::new();
+    let mut agent_task = tokio::spawn(
+        agent
+            .run(links, agent_stop.clone())
+            .instrument(span.clone()),
+    );
+    let mut session_task = tokio::spawn(session.run(session_stop.clone()).instrument(span.clone()));
+    let watchdog = notifier.watchdog_period().map(|period| {
+        tokio::spawn(feed_watchdog(
+            notifier.clone(),
+            period,
+            vec![agent_heart, session_heart],
+        ))
+    });
+
+    let mut session_result = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Ok(()) = connection.changed() => {
+                let state = *connection.borrow_and_update();
+                notifier.status(&describe.status(state, &view.borrow()));
+            }
+            Ok(()) = view.changed() => {
+                let state = view.borrow_and_update().clone();
+                notifier.status(&describe.status(*connection.borrow(), &state));
+            }
+            Some(new) = reloads.recv() => {
+                span.in_scope(|| reload(&settings, &new, &control_tx));
+                notifier.ready(&describe.status(*connection.borrow(), &view.borrow()));
+            }
+            result = &mut session_task => {
+                session_result = Some(result);
+                break;
+            }
+        }
+    }
+
+    notifier.stopping();
+    span.in_scope(|| tracing::info!(edgetwin_event = "stopping", "stopping"));
+    agent_stop.cancel();
+    if tokio::time::timeout(STOP_GRACE, &mut agent_task)
+        .await
+        .is_err()
+    {
+        agent_task.abort();
+        span.in_scope(|| tracing::error!("agent did not stop in time"));
+    }
+    session_stop.cancel();
+    let session_result = match session_result {
+        Some(r) => r,
+        None => match tokio::time::timeout(STOP_GRACE, &mut session_task).await {
+            Ok(r) => r,
+            Err(_) => {
+                session_task.abort();
+                Ok(Ok(()))
+            }
+        },
+    };
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    match session_result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            span.in_scope(
+                || tracing::error!(edgetwin_event = "auth_failed", error = %e, "giving up"),
+            );
+            Err(AppError::Unauthorized(e))
+        }
+        Err(e) => Err(AppError::Internal(format!("session task failed: {e}"))),
+    }
+}
+
+/// Applies what can change live (DESIGN §2): twin schema and ack style, telemetry, hook.
+/// The log level is applied by whoever owns the [`LogHandle`]; hub settings need a restart.
+fn reload(old: &Settings, new: &Settings, control: &mpsc::Sender<AgentControl>) {
+    if format!("{:?}", old.hub) != format!("{:?}", new.hub) {
+        tracing::warn!(
+            edgetwin_event = "reload_partial",
+            "hub settings changed; they take effect at the next restart"
+        );
+    }
+    let sent = control.try_send(AgentControl::Reload {
+        ack: new.twin.ack,
+        schema: new.twin.schema.clone(),
+        telemetry_enabled: new.telemetry.enabled,
+        hook: new.hooks.on_change.clone(),
+    });
+    if sent.is_err() {
+        tracing::warn!("agent busy; reload not applied");
+    }
+}
+
+struct Describe {
+    hub: String,
+    device: String,
+    module: String,
+}
+
+impl Describe {
+    /// `STATUS=` text (DESIGN §6).
+    fn status(&self, connection: ConnectionState, state: &RuntimeState) -> String {
+        let twin = match state.desired_version {
+            Some(v) => format!("twin v{v}"),
+            None => "twin not seen yet".to_owned(),
+        };
+        match connection {
+            ConnectionState::Connected => format!(
+                "connected to {} as {}/{}, {twin}",
+                self.hub, self.device, self.module
+            ),
+            other => format!("{} ({}), {twin} in force", other.describe(), self.hub),
+        }
+    }
+}
+
+fn module_credentials(settings: &Settings) -> Result<ModuleCredentials, AppError> {
+    let text = settings
+        .module_credentials()
+        .map_err(|e| AppError::Config(e.to_string()))?
+        .ok_or_else(|| {
+            AppError::Config(
+                "no module credentials: set hub.connection_string(_file) or run `edgetwin provision`"
+                    .into(),
+            )
+        })?;
+    text.trim()
+        .parse::<ModuleCredentials>()
+        .map_err(|e| AppError::Config(format!("module connection string: {e}")))
+}
+
+fn session_config(
+    settings: &Settings,
+    credentials: ModuleCredentials,
+) -> Result<SessionConfig, AppError> {
+    let hub = &settings.hub;
+    if hub.proxy.is_some() {
+        // TODO: rumqttc's `proxy` feature (HTTP CONNECT) needs the async-http-proxy crate.
+        return Err(AppError::Config(
+            "hub.proxy: HTTP CONNECT proxies are not supported by this build yet".into(),
+        ));
+    }
+    let ca = match &hub.ca_file {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            AppError::Config(format!("hub.ca_file: cannot read {}: {e}", path.display()))
+        })?),
+        None => None,
+    };
+    let tls = crate::hub::tls::client_config(ca.as_deref())
+        .map_err(|e| AppError::Config(format!("hub.ca_file: {e:#}")))?;
+    let gateway_host = hub.gateway_host.as_ref().map(|g| {
+        let host = if g.host.contains(':') {
+            format!("[{}]", g.host)
+        } else {
+            g.host.clone()
+        };
+        match g.port {
+            Some(port) => format!("{host}:{port}"),
+            None => host,
+        }
+    });
+    Ok(SessionConfig {
+        credentials,
+        transport: match hub.transport {
+            Transport::Mqtt => HubTransport::Mqtt,
+            Transport::MqttWs => HubTransport::MqttWs,
+        },
+        gateway_host,
+        tls,
+        sas_ttl: hub.sas_ttl,
+        keep_alive: hub.keep_alive,
+        backoff: BackoffPolicy {
+            initial: hub.backoff.initial,
+            max: hub.backoff.max,
+        },
+        twin_timeout: TWIN_TIMEOUT,
+    })
+}
+
+/// Reads `state.json`; a corrupt or foreign one is moved aside and defaults are used.
+async fn load_state(
+    settings: &Settings,
+    credentials: &ModuleCredentials,
+) -> Result<RuntimeState, AppError> {
+    let dir = settings.state.dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|source| AppError::StateDir {
+        dir: dir.clone(),
+        source,
+    })?;
+    let path = settings.state.state_file();
+    let defaults = RuntimeState::from_defaults(&settings.twin.schema);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::info!(
+                edgetwin_event = "state_new",
+                "no state file yet; starting from defaults"
+            );
+            return Ok(defaults);
+        }
+        Err(source) => return Err(AppError::StateDir { dir, source }),
+    };
+    match StateFile::parse(&bytes, &credentials.device_id, &credentials.module_id) {
+        Ok(file) => Ok(file.into_state()),
+        Err(problem) => {
+            let aside = move_aside(&path).map_err(|source| AppError::StateDir {
+                dir: dir.clone(),
+                source,
+            })?;
+            tracing::error!(
+                edgetwin_event = "state_corrupt",
+                problem = %problem,
+                moved_to = %aside.display(),
+                "state file not trusted; moved aside, starting from defaults"
+            );
+            Ok(defaults)
+        }
+    }
+}
+
+fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".corrupt-{secs}"));
+    let aside = path.with_file_name(name);
+    std::fs::rename(path, &aside)?;
+    Ok(aside)
+}
+
+/// SIGTERM/SIGINT cancel `shutdown`; SIGHUP re-reads the configuration from
+/// `config_path`, applies the log level and forwards good settings to `reloads` (a bad
+/// configuration is logged and the old one stays).
+pub async fn handle_signals(
+    config_path: Option<PathBuf>,
+    log: LogHandle,
+    shutdown: CancellationToken,
+    reloads: mpsc::Sender<Settings>,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let notifier = Notifier::from_env();
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                notifier.reloading();
+                match Settings::load(config_path.as_deref()) {
+                    Ok(settings) => {
+                        if let Err(e) = log.set_level(&settings.log.level) {
+                            tracing::warn!(error = %e, "log level not changed");
+                        }
+                        tracing::info!(edgetwin_event = "reload", "configuration re-read");
+                        let _ = reloads.send(settings).await;
+                    }
+                    Err(errors) => {
+                        tracing::error!(
+                            edgetwin_event = "reload_rejected",
+                            problems = %errors,
+                            "new configuration is invalid; keeping the old one"
+                        );
+                        notifier.ready("configuration reload rejected; running with the old one");
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!(edgetwin_event = "signal", "stop requested");
+    shutdown.cancel();
+    Ok(())
+}
