@@ -158,16 +158,17 @@ pub async fn run_with(
     });
 
     let mut session_result = None;
+    let mut status = Status::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Ok(()) = connection.changed() => {
                 let state = *connection.borrow_and_update();
-                notifier.status(&describe.status(state, &view.borrow()));
+                status.set(&notifier, describe.status(state, &view.borrow()));
             }
             Ok(()) = view.changed() => {
                 let state = view.borrow_and_update().clone();
-                notifier.status(&describe.status(*connection.borrow(), &state));
+                status.set(&notifier, describe.status(*connection.borrow(), &state));
             }
             Some(new) = reloads.recv() => {
                 span.in_scope(|| reload(&settings, &new, &control_tx));
@@ -233,6 +234,19 @@ fn reload(old: &Settings, new: &Settings, control: &mpsc::Sender<AgentControl>) 
     });
     if sent.is_err() {
         tracing::warn!("agent busy; reload not applied");
+    }
+}
+
+/// The last `STATUS=` sent, so only changes are sent.
+#[derive(Default)]
+struct Status(String);
+
+impl Status {
+    fn set(&mut self, notifier: &Notifier, text: String) {
+        if self.0 != text {
+            notifier.status(&text);
+            self.0 = text;
+        }
     }
 }
 

@@ -98,14 +98,19 @@ impl Notifier {
         self.send(&[NotifyState::Watchdog]);
     }
 
-    /// Half of `WATCHDOG_USEC` when the watchdog is on for this process.
+    /// Half of `WATCHDOG_USEC` when the watchdog is on for this process: as in
+    /// libsystemd, `WATCHDOG_PID` when present must be ours.
     pub fn watchdog_period(&self) -> Option<Duration> {
-        let mut usec = 0;
-        if self.enabled && sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
-            Some(Duration::from_micros(usec / 2))
-        } else {
-            None
+        if !self.enabled {
+            return None;
         }
+        let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+        if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+            if pid.parse::<u32>().ok() != Some(std::process::id()) {
+                return None;
+            }
+        }
+        (usec > 0).then(|| Duration::from_micros(usec / 2))
     }
 }
 

@@ -158,3 +158,38 @@ async fn reload_applies_a_new_schema_live() {
         .await;
     daemon.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn mqtt_over_websocket_reaches_the_hub() {
+    let mut env = Env::start().await;
+    let mut settings = env.settings("");
+    settings.hub.transport = edgetwin::config::Transport::MqttWs;
+    settings.hub.gateway_host = Some(edgetwin::config::GatewayHost {
+        host: "127.0.0.1".into(),
+        port: Some(env.sim().https_addr().port()),
+    });
+    let version = env.set_desired(json!({"telemetryInterval": 33}));
+    let daemon = Daemon::start(settings).await;
+    let ack = env.wait_ack("telemetryInterval", version).await;
+    assert_eq!(ack["value"], json!(33));
+    daemon.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn wrong_credentials_at_start_stop_the_daemon_with_exit_77() {
+    let env = Env::start().await;
+    let mut creds: edgetwin::identity::ModuleCredentials =
+        env.connection_string.parse().expect("connection string");
+    creds.key = edgetwin::identity::SharedKey::generate();
+    let mut settings = env.settings("");
+    settings.hub.credentials = edgetwin::config::CredentialSource::Inline(
+        edgetwin::config::Secret::new(creds.to_connection_string()),
+    );
+    let daemon = Daemon::start(settings).await;
+    let result = tokio::time::timeout(daemon_support::WAIT, daemon.task)
+        .await
+        .expect("daemon gives up in time")
+        .expect("no panic");
+    let error = result.expect_err("refused credentials are fatal at start-up");
+    assert_eq!(error.exit_code(), 77);
+}

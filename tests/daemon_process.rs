@@ -1,0 +1,141 @@
+//! `edgetwin run` as a real process under a fake service manager: sd_notify READY,
+//! STATUS, WATCHDOG, RELOADING and STOPPING arrive on `NOTIFY_SOCKET`; SIGHUP with a good
+//! and a bad configuration keeps it running; SIGTERM exits 0 with the state flushed; and
+//! not one line of its trace-level log holds the key, a SAS token or the connection
+//! string.
+
+mod daemon_support;
+
+use std::path::Path;
+use std::process::Stdio;
+
+use daemon_support::{Env, WAIT};
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixDatagram;
+
+/// Every notification received, in order.
+struct Notifications {
+    socket: UnixDatagram,
+    seen: Vec<String>,
+}
+
+impl Notifications {
+    /// Waits for a notification containing `line` (after those already consumed).
+    async fn expect(&mut self, line: &str) -> String {
+        let socket = &self.socket;
+        let seen = &mut self.seen;
+        let found = tokio::time::timeout(WAIT, async {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = socket.recv(&mut buf).await.expect("recv");
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                seen.push(text.clone());
+                if text.lines().any(|l| l.starts_with(line)) {
+                    return text;
+                }
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no {line} notification; got {:?}", self.seen))
+    }
+}
+
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+fn write_config(path: &Path, base: &str, extra: &str) {
+    std::fs::write(path, format!("{base}\n{extra}\n")).expect("config written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_notifications_signals_and_clean_logs() {
+    let mut env = Env::start().await;
+    let config = env.sim_dir.path().join("edgetwin.toml");
+    env.settings("[log]\nlevel = \"trace\"\nformat = \"text\"");
+    let base = std::fs::read_to_string(&config).expect("config");
+    let version = env.set_desired(json!({"telemetryInterval": 40}));
+
+    let sock_dir = tempfile::tempdir().expect("tempdir");
+    let sock_path = sock_dir.path().join("notify.sock");
+    let mut notes = Notifications {
+        socket: UnixDatagram::bind(&sock_path).expect("bind"),
+        seen: Vec::new(),
+    };
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgetwin"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("EDGETWIN_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("edgetwin runs");
+    let pid = child.id().expect("pid");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let log = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text).await;
+        text
+    });
+
+    let ready = notes.expect("READY=1").await;
+    assert!(ready.contains("STATUS="), "READY carries a status: {ready}");
+    env.wait_ack("telemetryInterval", version).await;
+    notes.expect("STATUS=connected to").await;
+    notes.expect("WATCHDOG=1").await;
+
+    write_config(
+        &config,
+        &base,
+        "[twin.properties.fan]\ntype = \"integer\"\ndefault = 1\n",
+    );
+    signal(pid, "HUP");
+    notes.expect("RELOADING=1").await;
+    notes.expect("READY=1").await;
+
+    write_config(&config, &base, "bogus_key = 1\n");
+    signal(pid, "HUP");
+    notes.expect("RELOADING=1").await;
+    notes.expect("READY=1").await;
+    notes.expect("WATCHDOG=1").await;
+
+    signal(pid, "TERM");
+    notes.expect("STOPPING=1").await;
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits in time")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0));
+    let state = env.state_file();
+    assert_eq!(state["properties"]["telemetryInterval"], json!(40));
+    assert_eq!(state["properties"]["fan"], json!(1), "good reload applied");
+
+    let log = log.await.expect("log collected");
+    assert!(
+        log.contains("TRACE") || log.contains("DEBUG"),
+        "trace level was on"
+    );
+    let creds: edgetwin::identity::ModuleCredentials =
+        env.connection_string.parse().expect("connection string");
+    for secret in [
+        creds.key.as_base64(),
+        env.connection_string.as_str(),
+        "SharedAccessSignature",
+        "sig=",
+        "SharedAccessKey",
+    ] {
+        assert!(!log.contains(secret), "log leaks a secret ({secret:.12}…)");
+    }
+}
