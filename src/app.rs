@@ -18,7 +18,9 @@ use tracing::Instrument as _;
 use crate::agent::{Agent, AgentConfig, AgentControl, AgentLinks};
 use crate::config::{Settings, Transport};
 use crate::hub::backoff::BackoffPolicy;
-use crate::hub::session::{ConnectionState, HubTransport, Session, SessionConfig, SessionError};
+use crate::hub::session::{
+    ConnectionState, HttpProxy, HubTransport, Session, SessionConfig, SessionError,
+};
 use crate::identity::ModuleCredentials;
 use crate::logging::LogHandle;
 use crate::systemd::{feed_watchdog, Heartbeat, Notifier};
@@ -293,12 +295,13 @@ fn session_config(
     credentials: ModuleCredentials,
 ) -> Result<SessionConfig, AppError> {
     let hub = &settings.hub;
-    if hub.proxy.is_some() {
-        // TODO: rumqttc's `proxy` feature (HTTP CONNECT) needs the async-http-proxy crate.
-        return Err(AppError::Config(
-            "hub.proxy: HTTP CONNECT proxies are not supported by this build yet".into(),
-        ));
-    }
+    let proxy = match &hub.proxy {
+        Some(proxy) => Some(
+            HttpProxy::parse(proxy.url())
+                .map_err(|e| AppError::Config(format!("hub.proxy {}: {e}", proxy.redacted())))?,
+        ),
+        None => None,
+    };
     let ca = match &hub.ca_file {
         Some(path) => Some(std::fs::read(path).map_err(|e| {
             AppError::Config(format!("hub.ca_file: cannot read {}: {e}", path.display()))
@@ -333,6 +336,7 @@ fn session_config(
             max: hub.backoff.max,
         },
         twin_timeout: TWIN_TIMEOUT,
+        proxy,
     })
 }
 

@@ -193,3 +193,59 @@ async fn wrong_credentials_at_start_stop_the_daemon_with_exit_77() {
     let error = result.expect_err("refused credentials are fatal at start-up");
     assert_eq!(error.exit_code(), 77);
 }
+
+/// A minimal HTTP CONNECT proxy; counts the tunnels it opened.
+async fn connect_proxy() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let tunnels = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = tunnels.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head
+                    .strip_prefix("CONNECT ")
+                    .and_then(|r| r.split_whitespace().next())
+                    .expect("a CONNECT request")
+                    .to_owned();
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
+                    return;
+                };
+                client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .expect("reply");
+                counter.fetch_add(1, Ordering::SeqCst);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (port, tunnels)
+}
+
+#[tokio::test]
+async fn http_connect_proxy_tunnels_the_session() {
+    let mut env = Env::start().await;
+    let (port, tunnels) = connect_proxy().await;
+    let settings = env.settings_with(&format!("proxy = \"http://127.0.0.1:{port}\""), "");
+    let version = env.set_desired(json!({"telemetryInterval": 44}));
+    let daemon = Daemon::start(settings).await;
+    let ack = env.wait_ack("telemetryInterval", version).await;
+    assert_eq!(ack["value"], json!(44));
+    assert!(tunnels.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    daemon.stop().await.expect("clean stop");
+}

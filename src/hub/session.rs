@@ -60,6 +60,54 @@ pub struct SessionConfig {
     pub backoff: BackoffPolicy,
     /// How long a twin request may stay unanswered before it is sent again.
     pub twin_timeout: Duration,
+    /// HTTP CONNECT proxy to tunnel through.
+    pub proxy: Option<HttpProxy>,
+}
+
+/// An HTTP CONNECT proxy: `http://[user:password@]host[:port]`. `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HttpProxy {
+    pub host: String,
+    pub port: u16,
+    pub basic_auth: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for HttpProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http://{}:{}", self.host, self.port)
+    }
+}
+
+impl HttpProxy {
+    /// Parses a proxy URL; only `http://` is supported (the tunnel carries TLS anyway).
+    pub fn parse(url: &str) -> Result<HttpProxy, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| "only http:// proxies are supported".to_owned())?;
+        let authority = rest.split('/').next().unwrap_or_default();
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((user, host)) => (Some(user), host),
+            None => (None, authority),
+        };
+        let (host, port) = split_host_port(hostport, 8080);
+        if host.is_empty() {
+            return Err("the proxy URL has no host".into());
+        }
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let basic_auth = userinfo.map(|u| match u.split_once(':') {
+            Some((user, password)) => (decode(user), decode(password)),
+            None => (decode(u), String::new()),
+        });
+        Ok(HttpProxy {
+            host,
+            port,
+            basic_auth,
+        })
+    }
 }
 
 /// Connection state, published through `watch`.
@@ -602,6 +650,20 @@ fn mqtt_options(config: &SessionConfig) -> MqttOptions {
             o
         }
     };
+    if let Some(proxy) = &config.proxy {
+        opts.set_proxy(rumqttc::Proxy {
+            ty: rumqttc::ProxyType::Http,
+            auth: match &proxy.basic_auth {
+                Some((username, password)) => rumqttc::ProxyAuth::Basic {
+                    username: username.clone(),
+                    password: password.clone(),
+                },
+                None => rumqttc::ProxyAuth::None,
+            },
+            addr: proxy.host.clone(),
+            port: proxy.port,
+        });
+    }
     opts.set_clean_session(false)
         .set_keep_alive(config.keep_alive.max(Duration::from_secs(5)))
         .set_max_packet_size(256 * 1024, 256 * 1024);
@@ -624,6 +686,20 @@ mod tests {
         );
         assert_eq!(split_host_port("[::1]:99", 8883), ("::1".into(), 99));
         assert_eq!(split_host_port("[::1]", 443), ("::1".into(), 443));
+    }
+
+    #[test]
+    fn proxy_urls_parse_with_optional_credentials() {
+        let p = HttpProxy::parse("http://proxy.lan:3128").unwrap();
+        assert_eq!(
+            (p.host.as_str(), p.port, p.basic_auth),
+            ("proxy.lan", 3128, None)
+        );
+        let p = HttpProxy::parse("http://u%40x:s3cret@10.0.0.1:8000/").unwrap();
+        assert_eq!(p.basic_auth, Some(("u@x".into(), "s3cret".into())));
+        assert!(!format!("{p:?}").contains("s3cret"));
+        assert_eq!(HttpProxy::parse("http://p").unwrap().port, 8080);
+        assert!(HttpProxy::parse("socks5://p:1").is_err());
     }
 
     #[test]

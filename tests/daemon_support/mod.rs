@@ -62,10 +62,15 @@ impl Env {
 
     /// Daemon settings through the real config loader; `extra` is appended to the file.
     pub fn settings(&self, extra: &str) -> Settings {
+        self.settings_with("", extra)
+    }
+
+    /// [`Self::settings`] with `hub_extra` added to the `[hub]` table.
+    pub fn settings_with(&self, hub_extra: &str, extra: &str) -> Settings {
         let path = self.sim_dir.path().join("edgetwin.toml");
         let text = format!(
             "[hub]\nconnection_string = \"{}\"\ngateway_host = \"127.0.0.1:{}\"\nca_file = \"{}\"\n\
-             backoff = {{ initial = \"50ms\", max = \"300ms\" }}\n\n[state]\ndir = \"{}\"\n\n{extra}\n",
+             backoff = {{ initial = \"50ms\", max = \"300ms\" }}\n{hub_extra}\n\n[state]\ndir = \"{}\"\n\n{extra}\n",
             self.connection_string,
             self.mqtt_port,
             self.ca_path.display(),
