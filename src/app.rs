@@ -84,7 +84,7 @@ pub struct ReadyView {
 
 /// [`run`], with reloads and observation.
 pub async fn run_with(
-    settings: Settings,
+    mut settings: Settings,
     shutdown: CancellationToken,
     control: RunControl,
 ) -> Result<(), AppError> {
@@ -174,6 +174,7 @@ pub async fn run_with(
             }
             Some(new) = reloads.recv() => {
                 span.in_scope(|| reload(&settings, &new, &control_tx));
+                settings = new;
                 notifier.ready(&describe.status(*connection.borrow(), &view.borrow()));
             }
             result = &mut session_task => {

@@ -115,15 +115,16 @@ impl Notifier {
 }
 
 /// Sends `WATCHDOG=1` every `period` while every heartbeat is younger than `2 * period`
-/// (i.e. the watchdog interval itself); runs until dropped.
+/// (the watchdog interval itself, but never less than a few beats); runs until dropped.
 pub async fn feed_watchdog(notifier: Notifier, period: Duration, hearts: Vec<Heartbeat>) {
     let mut tick = tokio::time::interval(period);
+    let limit = (period * 2).max(BEAT_EVERY * 3);
     loop {
         tick.tick().await;
         let stalled: Vec<usize> = hearts
             .iter()
             .enumerate()
-            .filter(|(_, h)| h.age() > period * 2)
+            .filter(|(_, h)| h.age() > limit)
             .map(|(i, _)| i)
             .collect();
         if stalled.is_empty() {

@@ -593,9 +593,12 @@ pub fn user_name(creds: &ModuleCredentials) -> String {
 fn credentials(config: &SessionConfig) -> (String, String) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let expiry = now + config.sas_ttl.as_secs().max(1);
+        .unwrap_or_default();
+    // Rounded up, so the token lives at least `sas_ttl` and the renewal at 80 % of it
+    // always comes before the hub closes the connection.
+    let expiry = (now + config.sas_ttl.max(Duration::from_secs(1)))
+        .as_secs_f64()
+        .ceil() as u64;
     (
         user_name(&config.credentials),
         config.credentials.sas_token(expiry),
