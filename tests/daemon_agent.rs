@@ -1,0 +1,208 @@
+//! The agent driven directly through its channels, standing in for the hub session: the
+//! cases the emulator cannot script (a `$version` gap, dropped events) and the ordering
+//! promises (state on disk before an ack leaves, lost acks re-sent after reconnect).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use edgetwin::agent::{Agent, AgentConfig, AgentLinks};
+use edgetwin::hub::session::{ConnectionState, HubCommand, HubEvent};
+use edgetwin::hub::twin_requests::TwinFailure;
+use edgetwin::systemd::Heartbeat;
+use edgetwin::twin::{AckStyle, RuntimeState, Schema};
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Harness {
+    events: mpsc::Sender<HubEvent>,
+    commands: mpsc::Receiver<HubCommand>,
+    state: watch::Receiver<RuntimeState>,
+    dir: tempfile::TempDir,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    _connection: watch::Sender<ConnectionState>,
+}
+
+impl Harness {
+    fn start() -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let schema = Schema::default();
+        let config = AgentConfig {
+            device_id: "gw1".into(),
+            module_id: "edgetwin".into(),
+            state_file: dir.path().join("state.json"),
+            ack: AckStyle::Pnp,
+            schema: schema.clone(),
+            telemetry_enabled: false,
+            hook: None,
+        };
+        let (agent, state) = Agent::new(
+            config,
+            RuntimeState::from_defaults(&schema),
+            Heartbeat::new(),
+        );
+        let (events_tx, events_rx) = mpsc::channel(16);
+        let (commands_tx, commands_rx) = mpsc::channel(16);
+        let (connection_tx, connection_rx) = watch::channel(ConnectionState::Connected);
+        let (_control_tx, control_rx) = mpsc::channel(1);
+        let links = AgentLinks {
+            events: events_rx,
+            commands: commands_tx,
+            connection: connection_rx,
+            control: control_rx,
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(agent.run(links, stop.clone()));
+        Harness {
+            events: events_tx,
+            commands: commands_rx,
+            state,
+            dir,
+            stop,
+            task,
+            _connection: connection_tx,
+        }
+    }
+
+    async fn send(&self, event: HubEvent) {
+        self.events.send(event).await.expect("agent alive");
+    }
+
+    async fn next_command(&mut self) -> HubCommand {
+        tokio::time::timeout(WAIT, self.commands.recv())
+            .await
+            .expect("a command in time")
+            .expect("agent alive")
+    }
+
+    async fn expect_get(&mut self) {
+        match self.next_command().await {
+            HubCommand::GetTwin => {}
+            other => panic!("expected a twin GET, got {other:?}"),
+        }
+    }
+
+    async fn expect_report(&mut self) -> Map<String, Value> {
+        match self.next_command().await {
+            HubCommand::Report(patch) => patch,
+            other => panic!("expected a reported patch, got {other:?}"),
+        }
+    }
+
+    /// Connected and synced to a twin at desired `version` with `desired`.
+    async fn synced(&mut self, mut desired: Value, version: u64) {
+        self.send(HubEvent::Connected {
+            session_present: false,
+        })
+        .await;
+        self.expect_get().await;
+        desired["$version"] = json!(version);
+        let twin = json!({"desired": desired, "reported": {"$version": 1}});
+        self.send(HubEvent::Twin(Ok(Bytes::from(twin.to_string()))))
+            .await;
+    }
+
+    fn state_file(&self) -> Value {
+        let bytes = std::fs::read(self.dir.path().join("state.json")).expect("state.json");
+        serde_json::from_slice(&bytes).expect("JSON")
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("agent stops")
+            .expect("no panic");
+    }
+}
+
+fn desired(version: u64, body: Value) -> HubEvent {
+    let mut body = body;
+    body["$version"] = json!(version);
+    HubEvent::Desired {
+        version: Some(version),
+        payload: Bytes::from(body.to_string()),
+    }
+}
+
+#[tokio::test]
+async fn patch_with_version_gap_triggers_full_get() {
+    let mut h = Harness::start();
+    h.synced(json!({}), 1).await;
+    h.send(desired(3, json!({"telemetryInterval": 5}))).await;
+    h.expect_get().await;
+    assert_eq!(
+        h.state.borrow().integer("telemetryInterval"),
+        Some(60),
+        "nothing applied from a patch that skipped a version"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn ack_leaves_only_after_the_state_is_on_disk() {
+    let mut h = Harness::start();
+    h.synced(json!({}), 1).await;
+    h.send(desired(2, json!({"telemetryInterval": 5}))).await;
+    let report = h.expect_report().await;
+    assert_eq!(report["telemetryInterval"]["av"], json!(2));
+    let on_disk = h.state_file();
+    assert_eq!(on_disk["properties"]["telemetryInterval"], json!(5));
+    assert_eq!(on_disk["desired_version"], json!(2));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn unconfirmed_ack_is_coalesced_and_resent_after_reconnect() {
+    let mut h = Harness::start();
+    h.synced(json!({}), 1).await;
+    h.send(desired(2, json!({"a": 1}))).await;
+    let sent = h.expect_report().await;
+    h.send(HubEvent::Reported {
+        patch: sent,
+        result: Err(TwinFailure::Lost),
+    })
+    .await;
+    h.send(HubEvent::Disconnected).await;
+    // Nothing goes out while offline.
+    assert!(h.commands.try_recv().is_err());
+
+    h.send(HubEvent::Connected {
+        session_present: true,
+    })
+    .await;
+    let mut saw_get = false;
+    let mut resent = None;
+    while !(saw_get && resent.is_some()) {
+        match h.next_command().await {
+            HubCommand::GetTwin => saw_get = true,
+            HubCommand::Report(patch) => resent = Some(patch),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(resent.expect("resent")["a"]["av"], json!(2));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn resync_gets_the_twin_again_and_resends_the_report_in_flight() {
+    let mut h = Harness::start();
+    h.synced(json!({}), 1).await;
+    h.send(desired(2, json!({"b": true}))).await;
+    let sent = h.expect_report().await;
+    h.send(HubEvent::Resync).await;
+    let mut saw_get = false;
+    let mut resent = None;
+    while !(saw_get && resent.is_some()) {
+        match h.next_command().await {
+            HubCommand::GetTwin => saw_get = true,
+            HubCommand::Report(patch) => resent = Some(patch),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(resent, Some(sent));
+    h.stop().await;
+}
