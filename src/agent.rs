@@ -83,6 +83,8 @@ pub struct Agent {
     interval: Duration,
     published: watch::Sender<RuntimeState>,
     hook: HookRunner,
+    /// The properties the hook last saw; `None` before its first run.
+    hooked: Option<Map<String, Value>>,
     heartbeat: Heartbeat,
 }
 
@@ -109,8 +111,10 @@ impl Agent {
             interval: Duration::ZERO,
             published,
             hook: HookRunner::spawn(hook::HOOK_TIMEOUT),
+            hooked: None,
             heartbeat,
         };
+        agent.hooked = Some(agent.sync.state().properties.clone());
         agent.reschedule_telemetry();
         (agent, view)
     }
@@ -261,9 +265,7 @@ impl Agent {
         if out.changed {
             self.publish_state();
             self.persist().await;
-            if let Some(command) = &self.config.hook {
-                self.hook.trigger(command, self.state_json());
-            }
+            self.run_hook();
         }
         if !out.reported.is_empty() {
             self.pending.push(out.reported);
@@ -339,6 +341,19 @@ impl Agent {
         self.unpersisted = true;
         self.retry_at = Some(Instant::now() + RETRY_AFTER);
         false
+    }
+
+    /// Runs the change hook when the values in force changed since its last run.
+    fn run_hook(&mut self) {
+        let Some(command) = &self.config.hook else {
+            return;
+        };
+        let properties = &self.sync.state().properties;
+        if self.hooked.as_ref() == Some(properties) {
+            return;
+        }
+        self.hooked = Some(properties.clone());
+        self.hook.trigger(command, self.state_json());
     }
 
     fn publish_state(&self) {

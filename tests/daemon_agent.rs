@@ -28,7 +28,13 @@ struct Harness {
 
 impl Harness {
     fn start() -> Harness {
+        Self::start_with_hook(|_| String::new())
+    }
+
+    /// `hook` builds the `hooks.on_change` command from the path it should write to.
+    fn start_with_hook(hook: impl Fn(&str) -> String) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
+        let hook = hook(&dir.path().join("hook.json").display().to_string());
         let schema = Schema::default();
         let config = AgentConfig {
             device_id: "gw1".into(),
@@ -37,7 +43,7 @@ impl Harness {
             ack: AckStyle::Pnp,
             schema: schema.clone(),
             telemetry_enabled: false,
-            hook: None,
+            hook: (!hook.is_empty()).then_some(hook),
         };
         let (agent, state) = Agent::new(
             config,
@@ -204,5 +210,26 @@ async fn resync_gets_the_twin_again_and_resends_the_report_in_flight() {
         }
     }
     assert_eq!(resent, Some(sent));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn change_hook_gets_the_new_state_on_stdin() {
+    let mut h = Harness::start_with_hook(|out| format!("cat > {out}.tmp && mv {out}.tmp {out}"));
+    h.synced(json!({}), 1).await;
+    h.send(desired(2, json!({"telemetryInterval": 7}))).await;
+    h.expect_report().await;
+    let out = h.dir.path().join("hook.json");
+    // The hook is a separate process; its output file is the only thing to wait on.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let seen: Value = loop {
+        if let Ok(bytes) = std::fs::read(&out) {
+            break serde_json::from_slice(&bytes).expect("hook got JSON");
+        }
+        assert!(tokio::time::Instant::now() < deadline, "hook never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(seen["properties"]["telemetryInterval"], json!(7));
+    assert_eq!(seen["desired_version"], json!(2));
     h.stop().await;
 }
