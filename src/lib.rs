@@ -16,6 +16,7 @@
 //! - [`agent`]: sole owner of the runtime state: applies, persists, acknowledges,
 //!   telemetry, direct methods, change hook.
 //! - [`registry`]: the service REST client (registry, twins, methods).
+//! - [`twin_cli`]: `edgetwin twin show` / `twin set` (service side, etag-guarded PATCH).
 //! - [`demo`]: the tutorial end to end on the embedded emulator.
 //! - [`cli`]: clap definitions of the command line.
 
@@ -32,3 +33,4 @@ pub mod sim;
 pub mod store;
 pub mod systemd;
 pub mod twin;
+pub mod twin_cli;

@@ -36,7 +36,7 @@ async fn dispatch(command: Command) -> u8 {
         Command::Demo => report(edgetwin::demo::run().await),
         Command::Run(_) | Command::CheckConfig(_) => exit::USAGE,
         Command::Provision(_) => not_built("provision"),
-        Command::Twin(_) => not_built("twin"),
+        Command::Twin(command) => edgetwin::twin_cli::run(command).await,
     }
 }
 
