@@ -16,6 +16,7 @@
 //! - [`agent`]: sole owner of the runtime state: applies, persists, acknowledges,
 //!   telemetry, direct methods, change hook.
 //! - [`registry`]: the service REST client (registry, twins, methods).
+//! - [`provision`]: create/fetch the device and module identities, store `module.connstr`.
 //! - [`twin_cli`]: `edgetwin twin show` / `twin set` (service side, etag-guarded PATCH).
 //! - [`demo`]: the tutorial end to end on the embedded emulator.
 //! - [`cli`]: clap definitions of the command line.
@@ -28,6 +29,7 @@ pub mod demo;
 pub mod hub;
 pub mod identity;
 pub mod logging;
+pub mod provision;
 pub mod registry;
 pub mod sim;
 pub mod store;

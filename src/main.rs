@@ -35,7 +35,9 @@ async fn dispatch(command: Command) -> u8 {
         Command::Sim(args) => report(sim(args).await),
         Command::Demo => report(edgetwin::demo::run().await),
         Command::Run(_) | Command::CheckConfig(_) => exit::USAGE,
-        Command::Provision(_) => not_built("provision"),
+        Command::Provision(args) => {
+            edgetwin::provision::command(config_path(args.config).as_deref()).await
+        }
         Command::Twin(command) => edgetwin::twin_cli::run(command).await,
     }
 }
@@ -92,11 +94,6 @@ fn check_config(path: PathBuf) -> u8 {
             exit::CONFIG
         }
     }
-}
-
-fn not_built(name: &str) -> u8 {
-    eprintln!("edgetwin {name}: not built yet in this version");
-    exit::USAGE
 }
 
 fn report(result: anyhow::Result<()>) -> u8 {
