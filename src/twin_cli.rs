@@ -51,8 +51,11 @@ pub fn registry_exit_code(e: &RegistryError) -> u8 {
     match e {
         RegistryError::Unauthorized(_) => exit::NOPERM,
         RegistryError::NotFound(_) | RegistryError::Invalid(_) => exit::DATA,
-        RegistryError::Conflict(_) | RegistryError::PreconditionFailed(_) => exit::DATA,
-        RegistryError::Throttled(_) | RegistryError::Transient(_) => exit::UNAVAILABLE,
+        RegistryError::Conflict(_) => exit::DATA,
+        // The twin kept changing under us (after one retry): trying later may work.
+        RegistryError::PreconditionFailed(_)
+        | RegistryError::Throttled(_)
+        | RegistryError::Transient(_) => exit::UNAVAILABLE,
     }
 }
 
