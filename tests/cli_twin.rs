@@ -548,3 +548,129 @@ async fn set_gives_up_after_a_second_412_with_exit_69() {
     assert_eq!(if_matches.len(), 2, "{if_matches:?}");
     assert!(stderr(&out).contains("precondition"), "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_ack_reports_a_rejection_with_exit_65() {
+    let f = Fixture::start().await;
+    let mut module = f.ts.connect(DEVICE, MODULE, true).await;
+    module.subscribe(&[DESIRED]).await;
+
+    let set = f.twin("set", &["telemetryInterval=0", "--wait-ack", "20"]);
+    let refuse = async {
+        let patch = module.next_publish().await;
+        let body: Value = serde_json::from_slice(&patch.payload).expect("JSON patch");
+        let version = body["$version"].as_u64().expect("patch $version");
+        let reported = json!({"telemetryInterval":
+            {"value": 60, "ac": 400, "av": version, "ad": "below the minimum 1"}});
+        module
+            .publish(
+                "$iothub/twin/PATCH/properties/reported/?$rid=1",
+                reported.to_string(),
+            )
+            .await;
+    };
+    let (out, ()) = tokio::join!(set, refuse);
+    assert_eq!(code(&out), 65, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("telemetryInterval: 400 below the minimum 1"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twin_takes_credential_and_ca_from_the_config() {
+    let f = Fixture::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("edgetwin.toml");
+    let service_file =
+        f.ts.sim
+            .state_dir()
+            .join(edgetwin::sim::server::SERVICE_CONNSTR_FILE);
+    std::fs::write(
+        &config,
+        format!(
+            "[hub]\nca_file = {ca:?}\n\n[provisioning]\nenabled = true\n\
+             service_connection_string_file = {svc:?}\n\n[state]\ndir = {state:?}\n",
+            ca = f.ts.sim.ca_path(),
+            svc = service_file,
+            state = work.path().join("state"),
+        ),
+    )
+    .unwrap();
+    let args = [
+        "twin",
+        "set",
+        "--config",
+        config.to_str().unwrap(),
+        "--device",
+        DEVICE,
+        "--module",
+        MODULE,
+        "fromConfig=true",
+    ];
+    let out = edgetwin(&args, &[]).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        f.service_twin()["properties"]["desired"]["fromConfig"],
+        json!(true)
+    );
+    let secrets = f.secrets();
+    assert_no_secrets(
+        &out,
+        &secrets.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_malformed_service_credential_exits_78() {
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("edgetwin.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[hub]\nconnection_string = \"HostName=h;DeviceId=d;ModuleId=m;SharedAccessKey=AAAA\"\n\
+             [state]\ndir = {:?}\n",
+            work.path()
+        ),
+    )
+    .unwrap();
+    let base = ["twin", "show", "--device", DEVICE, "--module", MODULE];
+    let mut args = base.to_vec();
+    args.extend(["--config", config.to_str().unwrap()]);
+    let out = edgetwin(&args, &[]).await;
+    assert_eq!(code(&out), 78, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no service connection string"),
+        "{}",
+        stderr(&out)
+    );
+
+    let secret = "c2VjcmV0LWtleS1tYXRlcmlhbA==";
+    let bad = format!("HostName=h;SharedAccessKeyName=p;SharedAccesKey={secret}");
+    let out = edgetwin(
+        &base,
+        &[("EDGETWIN_SERVICE_CONNECTION_STRING", bad.as_str())],
+    )
+    .await;
+    assert_eq!(code(&out), 78, "{}", stderr(&out));
+    assert_no_secrets(&out, &[secret]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_hub_exits_69() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let connstr = format!(
+        "HostName=localhost:{port};SharedAccessKeyName=iothubowner;SharedAccessKey={}",
+        edgetwin::identity::SharedKey::generate().as_base64()
+    );
+    let out = edgetwin(
+        &["twin", "show", "--device", DEVICE, "--module", MODULE],
+        &[("EDGETWIN_SERVICE_CONNECTION_STRING", connstr.as_str())],
+    )
+    .await;
+    assert_eq!(code(&out), 69, "{}", stderr(&out));
+}
