@@ -1,23 +1,26 @@
 //! `edgetwin demo`: Microsoft's module-twin tutorial end to end, in one process, on the
-//! embedded emulator — create the device and module over the registry REST API, connect
-//! as the module over MQTT/TLS, set `telemetryInterval = 122` from the service side, receive
-//! the patch on the module, acknowledge it in the reported properties, send one telemetry
-//! message, and read the twin back. Prints each step; fails unless the ack arrived.
-//!
-//! The module side here is a deliberately small client; the daemon (`edgetwin run`)
-//! replaces it once it exists.
+//! embedded emulator — create the device and module over the registry REST API, start the
+//! daemon (`app::run_with`, the same path as `edgetwin run`) on a temporary state
+//! directory, change `telemetryInterval` from the service side with the twin's etag, and
+//! show the daemon apply, persist and acknowledge it and send telemetry at the new
+//! interval. Prints each step; fails unless the ack of the final version arrived.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use std::path::Path;
 
 use anyhow::{bail, Context as _};
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
-};
 use serde_json::{json, Value};
+use tokio::sync::{broadcast, oneshot};
+use tokio_util::sync::CancellationToken;
 
-use crate::identity::{ModuleCredentials, ServiceCredentials};
+use crate::app::{self, RunControl};
+use crate::config::Settings;
+use crate::identity::ServiceCredentials;
 use crate::registry::{RegistryClient, RegistryError};
-use crate::sim::{Sim, SimConfig};
+use crate::sim::hub::ModuleKey;
+use crate::sim::{Sim, SimConfig, SimEvent};
+use crate::twin::RuntimeState;
 
 const DEVICE: &str = "myFirstDevice";
 const MODULE: &str = "myFirstModule";
@@ -55,31 +58,109 @@ pub async fn run() -> anyhow::Result<()> {
         module["moduleId"].as_str().unwrap_or("?")
     );
 
-    let creds: ModuleCredentials = format!(
+    let module_connstr = format!(
         "HostName={};DeviceId={DEVICE};ModuleId={MODULE};SharedAccessKey={}",
         sim.hub_name(),
         module["authentication"]["symmetricKey"]["primaryKey"]
             .as_str()
             .context("module has no primary key")?
-    )
-    .parse()?;
-    let (client, mut events) = connect(&creds, &sim)?;
-    client
-        .subscribe("$iothub/twin/PATCH/properties/desired/#", QoS::AtLeastOnce)
-        .await?;
-    client
-        .publish("$iothub/twin/GET/?$rid=get-1", QoS::AtLeastOnce, false, "")
-        .await?;
-    let (_, twin) = wait_publish(&mut events, |t| {
-        t.starts_with("$iothub/twin/res/200/?$rid=get-1")
+    );
+    let settings = daemon_settings(dir.path(), &sim, &module_connstr)?;
+    let mut events = sim.hub().events();
+    let shutdown = CancellationToken::new();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let daemon = tokio::spawn(app::run_with(
+        settings,
+        shutdown.clone(),
+        RunControl {
+            reloads: None,
+            on_ready: Some(ready_tx),
+        },
+    ));
+    let view = ready_rx.await.context("the daemon stopped before READY")?;
+    println!(
+        "3. daemon started (READY) with telemetryInterval {} in force, before any network I/O",
+        interval_of(&view.state.borrow())
+    );
+    wait_event(&mut events, |e| {
+        matches!(e, SimEvent::TwinGet { status: 200, .. })
     })
     .await?;
-    let twin: Value = serde_json::from_slice(&twin)?;
     println!(
-        "3. module connected over MQTT/TLS and read its twin: desired $version {}",
-        twin["desired"]["$version"]
+        "4. daemon connected over MQTT/TLS ({}) and read its twin",
+        view.connection.borrow().describe()
     );
 
+    let fast = set_interval(&registry, 2).await?;
+    wait_ack(&mut events, fast).await?;
+    let telemetry = wait_event(&mut events, |e| matches!(e, SimEvent::Telemetry { .. })).await?;
+    let key = ModuleKey {
+        device_id: DEVICE.into(),
+        module_id: MODULE.into(),
+    };
+    if let SimEvent::Telemetry { seq, .. } = telemetry {
+        let message = sim
+            .hub()
+            .telemetry_of(&key)
+            .into_iter()
+            .find(|t| t.seq == seq);
+        if let Some(m) = message {
+            println!(
+                "5. telemetryInterval=2 (desired $version {fast}) applied; telemetry followed within the interval ({}): {}",
+                m.property("$.ct").unwrap_or("?"),
+                String::from_utf8_lossy(&m.body)
+            );
+        }
+    }
+
+    let version = set_interval(&registry, 122).await?;
+    println!("6. service side: PATCH desired telemetryInterval=122 with If-Match etag → desired $version {version}");
+    let ack = wait_ack(&mut events, version).await?;
+    println!("7. daemon applied it, persisted state.json, then acknowledged: {ack}");
+
+    let twin = registry.get_module_twin(DEVICE, MODULE).await?;
+    let on_disk: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("state").join("state.json"))?)?;
+    println!(
+        "8. end state: desired {} | in force {} | on disk {} (desired $version {}) | reported {}",
+        twin["properties"]["desired"]["telemetryInterval"],
+        interval_of(&view.state.borrow()),
+        on_disk["properties"]["telemetryInterval"],
+        on_disk["desired_version"],
+        twin["properties"]["reported"]["telemetryInterval"]
+    );
+    shutdown.cancel();
+    daemon.await?.map_err(|e| anyhow::anyhow!("daemon: {e}"))?;
+    sim.shutdown().await;
+    let reported = &twin["properties"]["reported"]["telemetryInterval"];
+    if reported["av"].as_u64() != Some(version) || reported["ac"] != 200 {
+        bail!("the reported ack does not acknowledge desired $version {version}");
+    }
+    println!("demo ok: the tutorial's patch was applied, persisted, acknowledged and put in force by edgetwin");
+    Ok(())
+}
+
+/// The daemon's configuration, through the real config loader: the module credential in a
+/// 0600 file, the emulator as gateway, its CA trusted.
+fn daemon_settings(dir: &Path, sim: &Sim, module_connstr: &str) -> anyhow::Result<Settings> {
+    let credential = dir.join("module.connstr");
+    crate::store::write_atomic(&credential, module_connstr.as_bytes(), 0o600)?;
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state)?;
+    let config = dir.join("edgetwin.toml");
+    let text = format!(
+        "[hub]\nconnection_string_file = {:?}\ngateway_host = \"{}\"\nca_file = {:?}\n\
+         backoff = {{ initial = \"100ms\", max = \"2s\" }}\n\n[state]\ndir = {:?}\n",
+        credential.display().to_string(),
+        sim.mqtt_addr(),
+        sim.ca_path().display().to_string(),
+        state.display().to_string(),
+    );
+    std::fs::write(&config, text)?;
+    Settings::load(Some(&config)).map_err(|e| anyhow::anyhow!("demo configuration: {e}"))
+}
+
+async fn set_interval(registry: &RegistryClient, seconds: u64) -> anyhow::Result<u64> {
     let etag = registry.get_module_twin(DEVICE, MODULE).await?["etag"]
         .as_str()
         .map(str::to_string);
@@ -87,126 +168,53 @@ pub async fn run() -> anyhow::Result<()> {
         .patch_desired(
             DEVICE,
             MODULE,
-            &json!({"telemetryInterval": 122}),
+            &json!({"telemetryInterval": seconds}),
             etag.as_deref(),
         )
         .await?;
-    let version = updated["properties"]["desired"]["$version"]
+    updated["properties"]["desired"]["$version"]
         .as_u64()
-        .context("twin has no desired $version")?;
-    println!("4. service side: PATCH desired telemetryInterval=122 with If-Match etag → desired $version {version}");
+        .context("twin has no desired $version")
+}
 
-    let (topic, patch) = wait_publish(&mut events, |t| {
-        t.starts_with("$iothub/twin/PATCH/properties/desired/")
-    })
-    .await?;
-    println!(
-        "5. module received the patch on {topic}: {}",
-        String::from_utf8_lossy(&patch)
-    );
-    let patch: Value = serde_json::from_slice(&patch)?;
-    let interval = patch["telemetryInterval"]
-        .as_u64()
-        .context("patch lacks telemetryInterval")?;
-
-    let ack = json!({"telemetryInterval": {"value": interval, "ac": 200, "av": version, "ad": "applied"}});
-    client
-        .publish(
-            "$iothub/twin/PATCH/properties/reported/?$rid=ack-1",
-            QoS::AtLeastOnce,
-            false,
-            ack.to_string(),
-        )
-        .await?;
-    let (topic, _) = wait_publish(&mut events, |t| t.starts_with("$iothub/twin/res/")).await?;
-    if !topic.starts_with("$iothub/twin/res/204/") {
-        bail!("the hub refused the reported ack: {topic}");
-    }
-    println!("6. module reported the ack {ack} → hub answered {topic}");
-
-    let telemetry = json!({"telemetryInterval": interval, "uptimeSeconds": 1});
-    client
-        .publish(
-            format!("devices/{DEVICE}/modules/{MODULE}/messages/events/%24.ct=application%2Fjson&%24.ce=utf-8"),
-            QoS::AtLeastOnce,
-            false,
-            telemetry.to_string(),
-        )
-        .await?;
-    wait_puback(&mut events).await?;
-    let key = crate::sim::hub::ModuleKey {
-        device_id: DEVICE.into(),
-        module_id: MODULE.into(),
+/// Waits for the reported ack of `version`; returns it.
+async fn wait_ack(
+    events: &mut broadcast::Receiver<SimEvent>,
+    version: u64,
+) -> anyhow::Result<Value> {
+    let acked = |e: &SimEvent| match e {
+        SimEvent::ReportedPatched { patch, .. } => {
+            patch["telemetryInterval"]["av"].as_u64() == Some(version)
+        }
+        _ => false,
     };
-    let stored = sim.hub().telemetry_of(&key);
-    println!(
-        "7. telemetry sent and stored by the hub: {} message(s), content-type {}",
-        stored.len(),
-        stored
-            .last()
-            .and_then(|t| t.property("$.ct"))
-            .unwrap_or("?")
-    );
-
-    let twin = registry.get_module_twin(DEVICE, MODULE).await?;
-    let reported = &twin["properties"]["reported"]["telemetryInterval"];
-    println!(
-        "8. end state: desired {} | reported {} (reported $version {})",
-        twin["properties"]["desired"]["telemetryInterval"],
-        reported,
-        twin["properties"]["reported"]["$version"]
-    );
-    client.disconnect().await.ok();
-    sim.shutdown().await;
-    if reported["av"].as_u64() != Some(version) || reported["ac"] != 200 {
-        bail!("the reported ack does not acknowledge desired $version {version}");
+    match wait_event(events, acked).await? {
+        SimEvent::ReportedPatched { patch, .. } => Ok(patch),
+        _ => unreachable!("filtered above"),
     }
-    println!("demo ok: the patch made with the service SDK's REST calls was received, applied and acknowledged");
-    Ok(())
 }
 
-fn connect(creds: &ModuleCredentials, sim: &Sim) -> anyhow::Result<(AsyncClient, EventLoop)> {
-    let expiry = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 3600;
-    let client_id = format!("{}/{}", creds.device_id, creds.module_id);
-    let mut opts = MqttOptions::new(client_id.clone(), "localhost", sim.mqtt_addr().port());
-    opts.set_credentials(
-        format!("{}/{client_id}/?api-version=2021-04-12", creds.host_name),
-        creds.sas_token(expiry),
-    );
-    opts.set_clean_session(false);
-    opts.set_keep_alive(Duration::from_secs(60));
-    let tls = crate::hub::tls::client_config(Some(sim.ca_pem().as_bytes()))?;
-    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-    Ok(AsyncClient::new(opts, 16))
-}
-
-async fn wait_publish(
-    events: &mut EventLoop,
-    wanted: impl Fn(&str) -> bool,
-) -> anyhow::Result<(String, bytes::Bytes)> {
+async fn wait_event(
+    events: &mut broadcast::Receiver<SimEvent>,
+    wanted: impl Fn(&SimEvent) -> bool,
+) -> anyhow::Result<SimEvent> {
     let fut = async {
         loop {
-            if let Event::Incoming(Packet::Publish(p)) = events.poll().await? {
-                if wanted(&p.topic) {
-                    return Ok::<_, anyhow::Error>((p.topic, p.payload));
-                }
+            match events.recv().await {
+                Ok(e) if wanted(&e) => return Ok(e),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => bail!("the emulator stopped"),
             }
         }
     };
     tokio::time::timeout(STEP_TIMEOUT, fut)
         .await
-        .context("timed out waiting for the hub")?
+        .context("timed out waiting for the daemon")?
 }
 
-async fn wait_puback(events: &mut EventLoop) -> anyhow::Result<()> {
-    let fut = async {
-        loop {
-            if let Event::Incoming(Packet::PubAck(_)) = events.poll().await? {
-                return Ok::<_, anyhow::Error>(());
-            }
-        }
-    };
-    tokio::time::timeout(STEP_TIMEOUT, fut)
-        .await
-        .context("timed out waiting for PUBACK")?
+fn interval_of(state: &RuntimeState) -> String {
+    state
+        .properties
+        .get("telemetryInterval")
+        .map_or_else(|| "?".into(), Value::to_string)
 }
