@@ -2,8 +2,8 @@
 //! and the integration tests alike.
 //!
 //! It loads the persisted state and puts it in force before any network I/O (a corrupt
-//! or foreign `state.json` is moved aside), sends READY, spawns the agent and the hub
-//! session, keeps `STATUS=` and the watchdog fed, applies reloads, and stops in order:
+//! or foreign `state.json` is moved aside), sends READY, provisions the module identity
+//! on first boot (see [`first_boot`]), spawns the agent and the hub session, keeps `STATUS=` and the watchdog fed, applies reloads, and stops in order:
 //! agent (state flushed) first, then the session (MQTT DISCONNECT), within a grace
 //! period. It owns no runtime state itself and never talks to the hub directly.
 //! [`handle_signals`] turns SIGTERM/SIGINT/SIGHUP into cancellation and reloads for `main`.
@@ -17,12 +17,13 @@ use tracing::Instrument as _;
 
 use crate::agent::{Agent, AgentConfig, AgentControl, AgentLinks};
 use crate::config::{Settings, Transport};
-use crate::hub::backoff::BackoffPolicy;
+use crate::hub::backoff::{Backoff, BackoffPolicy};
 use crate::hub::session::{
     ConnectionState, HttpProxy, HubTransport, Session, SessionConfig, SessionError,
 };
 use crate::identity::ModuleCredentials;
 use crate::logging::LogHandle;
+use crate::provision::{Plan, ProvisionError};
 use crate::systemd::{feed_watchdog, Heartbeat, Notifier};
 use crate::twin::{RuntimeState, StateFile};
 
@@ -45,6 +46,11 @@ pub enum AppError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    /// First-boot provisioning failed for good (the hub refused it): exit 77 for a
+    /// policy without registry write rights, 65 for a refused id, 78 for an unwritable
+    /// state dir.
+    #[error("provisioning failed: {0}")]
+    Provision(ProvisionError),
     /// Exit 70.
     #[error("internal error: {0}")]
     Internal(String),
@@ -57,6 +63,7 @@ impl AppError {
         match self {
             AppError::Config(_) | AppError::StateDir { .. } => exit::CONFIG,
             AppError::Unauthorized(_) => exit::NOPERM,
+            AppError::Provision(e) => e.exit_code(),
             AppError::Internal(_) => exit::SOFTWARE,
         }
     }
@@ -89,17 +96,47 @@ pub async fn run_with(
     control: RunControl,
 ) -> Result<(), AppError> {
     let mut reloads = control.reloads.unwrap_or_else(|| mpsc::channel(1).1);
+    // `None`: first boot, the module credential is still to be provisioned.
     let credentials = module_credentials(&settings)?;
+    let (device_id, module_id) = match &credentials {
+        Some(c) => (c.device_id.clone(), c.module_id.clone()),
+        None => (
+            settings.provisioning.device_id.clone(),
+            settings.provisioning.module_id.clone(),
+        ),
+    };
     let span = tracing::info_span!(
         "edgetwin",
-        edgetwin_device = %credentials.device_id,
-        edgetwin_module = %credentials.module_id
+        edgetwin_device = %device_id,
+        edgetwin_module = %module_id
     );
-    let session_config = session_config(&settings, credentials.clone())?;
-    let state = load_state(&settings, &credentials)
+    let state = load_state(&settings, &device_id, &module_id)
         .instrument(span.clone())
         .await?;
     let notifier = Notifier::from_env();
+    // First boot: READY as soon as the local state is in force (DESIGN §3 rule 8), then
+    // provision with STATUS saying so; the service credential is read only here.
+    let first_boot = credentials.is_none();
+    let credentials = match credentials {
+        Some(c) => c,
+        None => {
+            notifier.ready(&format!(
+                "provisioning {device_id}/{module_id}, {} in force",
+                twin_words(&state)
+            ));
+            match first_boot_credentials(&settings, &notifier, &shutdown)
+                .instrument(span.clone())
+                .await?
+            {
+                Some(c) => c,
+                None => {
+                    notifier.stopping();
+                    return Ok(());
+                }
+            }
+        }
+    };
+    let session_config = session_config(&settings, credentials.clone())?;
     let agent_heart = Heartbeat::new();
     let session_heart = Heartbeat::new();
     agent_heart.beat();
@@ -126,7 +163,12 @@ pub async fn run_with(
             "persisted state in force; connecting"
         )
     });
-    notifier.ready(&describe.status(ConnectionState::Connecting, agent.state()));
+    let connecting = describe.status(ConnectionState::Connecting, agent.state());
+    if first_boot {
+        notifier.status(&connecting);
+    } else {
+        notifier.ready(&connecting);
+    }
 
     let (session, link) = Session::new(session_config, session_heart.clone());
     let mut connection = link.state.clone();
@@ -262,10 +304,7 @@ struct Describe {
 impl Describe {
     /// `STATUS=` text (DESIGN §6).
     fn status(&self, connection: ConnectionState, state: &RuntimeState) -> String {
-        let twin = match state.desired_version {
-            Some(v) => format!("twin v{v}"),
-            None => "twin not seen yet".to_owned(),
-        };
+        let twin = twin_words(state);
         match connection {
             ConnectionState::Connected => format!(
                 "connected to {} as {}/{}, {twin}",
@@ -276,19 +315,116 @@ impl Describe {
     }
 }
 
-fn module_credentials(settings: &Settings) -> Result<ModuleCredentials, AppError> {
-    let text = settings
+fn twin_words(state: &RuntimeState) -> String {
+    match state.desired_version {
+        Some(v) => format!("twin v{v}"),
+        None => "twin not seen yet".to_owned(),
+    }
+}
+
+/// The module credential; `None` when it is still to be provisioned (first boot with
+/// `[provisioning] enabled`).
+fn module_credentials(settings: &Settings) -> Result<Option<ModuleCredentials>, AppError> {
+    let Some(text) = settings
         .module_credentials()
         .map_err(|e| AppError::Config(e.to_string()))?
-        .ok_or_else(|| {
-            AppError::Config(
-                "no module credentials: set hub.connection_string(_file) or run `edgetwin provision`"
-                    .into(),
-            )
-        })?;
+    else {
+        if settings.provisioning.enabled {
+            return Ok(None);
+        }
+        return Err(AppError::Config(
+            "no module credentials: set hub.connection_string(_file), run `edgetwin provision`, \
+             or enable [provisioning]"
+                .into(),
+        ));
+    };
     text.trim()
         .parse::<ModuleCredentials>()
+        .map(Some)
         .map_err(|e| AppError::Config(format!("module connection string: {e}")))
+}
+
+/// First boot: creates or fetches the device and module identities (the service
+/// credential is read once, here, and never again once `module.connstr` exists), retrying
+/// with the hub backoff while the hub is unreachable or throttling, and returns the
+/// module credential it wrote. A refusal (401: the policy lacks registry write rights)
+/// is final. `None` when `shutdown` came first.
+///
+/// The watchdog is fed on its period meanwhile: every attempt is bounded by the registry
+/// client's request timeout and retry limits, so this loop cannot wedge unnoticed.
+async fn first_boot_credentials(
+    settings: &Settings,
+    notifier: &Notifier,
+    shutdown: &CancellationToken,
+) -> Result<Option<ModuleCredentials>, AppError> {
+    let plan = Plan::from_settings(settings, None).map_err(|f| AppError::Config(f.message))?;
+    let mut backoff = Backoff::new(BackoffPolicy {
+        initial: settings.hub.backoff.initial,
+        max: settings.hub.backoff.max,
+    });
+    tracing::info!(
+        edgetwin_event = "provisioning",
+        hub = %plan.host_name,
+        "no module credential yet; provisioning the device and module identities"
+    );
+    loop {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            r = watchdog_fed(notifier, plan.run()) => r,
+        };
+        match attempt {
+            Ok(done) => {
+                tracing::info!(
+                    edgetwin_event = "provisioned",
+                    device_created = done.device_created,
+                    module_created = done.module_created,
+                    credential = %done.credential_file.display(),
+                    "module identity provisioned; the service credential is no longer needed"
+                );
+                break;
+            }
+            Err(e) if e.is_retryable() => {
+                let pause = backoff.next_delay();
+                tracing::warn!(
+                    edgetwin_event = "provision_retry",
+                    error = %e,
+                    retry_in_ms = pause.as_millis() as u64,
+                    "hub unreachable; provisioning again later"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = watchdog_fed(notifier, tokio::time::sleep(pause)) => {}
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    edgetwin_event = "provision_failed",
+                    error = %e,
+                    "provisioning refused; a policy with registry write rights \
+                     (registryReadWrite) is needed for the first boot"
+                );
+                return Err(AppError::Provision(e));
+            }
+        }
+    }
+    module_credentials(settings)?
+        .map(Some)
+        .ok_or_else(|| AppError::Internal("the provisioned module credential is missing".into()))
+}
+
+/// Awaits `work`, sending `WATCHDOG=1` on the watchdog period meanwhile (when enabled).
+async fn watchdog_fed<F: std::future::Future>(notifier: &Notifier, work: F) -> F::Output {
+    let Some(period) = notifier.watchdog_period() else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tick.tick() => notifier.watchdog(),
+        }
+    }
 }
 
 fn session_config(
@@ -344,7 +480,8 @@ fn session_config(
 /// Reads `state.json`; a corrupt or foreign one is moved aside and defaults are used.
 async fn load_state(
     settings: &Settings,
-    credentials: &ModuleCredentials,
+    device_id: &str,
+    module_id: &str,
 ) -> Result<RuntimeState, AppError> {
     let dir = settings.state.dir.clone();
     std::fs::create_dir_all(&dir).map_err(|source| AppError::StateDir {
@@ -364,7 +501,7 @@ async fn load_state(
         }
         Err(source) => return Err(AppError::StateDir { dir, source }),
     };
-    match StateFile::parse(&bytes, &credentials.device_id, &credentials.module_id) {
+    match StateFile::parse(&bytes, device_id, module_id) {
         Ok(file) => Ok(file.into_state()),
         Err(problem) => {
             let aside = move_aside(&path).map_err(|source| AppError::StateDir {

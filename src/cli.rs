@@ -39,7 +39,7 @@ pub enum Command {
     /// Run the daemon (what systemd starts).
     Run(ConfigArg),
     /// Create or fetch the device and module identities and store the module credential.
-    Provision(ConfigArg),
+    Provision(ProvisionArgs),
     /// Service side: show or change a module twin.
     #[command(subcommand)]
     Twin(TwinCommand),
@@ -61,6 +61,21 @@ pub struct ConfigArg {
         default_value = "/etc/edgetwin/edgetwin.toml"
     )]
     pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ProvisionArgs {
+    /// Configuration file (drop-ins are read from conf.d/ beside it).
+    #[arg(
+        long,
+        short,
+        value_name = "PATH",
+        default_value = "/etc/edgetwin/edgetwin.toml"
+    )]
+    pub config: PathBuf,
+    /// Extra PEM trust anchors for the hub's TLS certificate (instead of hub.ca_file).
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -36,7 +36,8 @@ async fn dispatch(command: Command) -> u8 {
         Command::Demo => report(edgetwin::demo::run().await),
         Command::Run(_) | Command::CheckConfig(_) => exit::USAGE,
         Command::Provision(args) => {
-            edgetwin::provision::command(config_path(args.config).as_deref()).await
+            let config = config_path(args.config);
+            edgetwin::provision::command(config.as_deref(), args.ca_file.as_deref()).await
         }
         Command::Twin(command) => edgetwin::twin_cli::run(command).await,
     }

@@ -14,7 +14,7 @@ use crate::cli::exit;
 use crate::config::Settings;
 use crate::identity::{ModuleCredentials, ServiceCredentials, SharedKey};
 use crate::registry::{RegistryClient, RegistryError};
-use crate::twin_cli::{client_for, retrying, Failure};
+use crate::twin_cli::{client_for, Failure};
 
 /// What provisioning produced (no secret in it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,23 +75,19 @@ pub async fn provision(
     module_id: &str,
     credential_file: &Path,
 ) -> Result<Provisioned, ProvisionError> {
-    let device_created = match retrying(|| client.create_device(device_id)).await {
+    let device_created = match client.create_device(device_id).await {
         Ok(_) => true,
         Err(RegistryError::Conflict(_)) => {
-            retrying(|| client.get_device(device_id)).await?;
+            client.get_device(device_id).await?;
             false
         }
         Err(e) => return Err(e.into()),
     };
-    let (module, module_created) =
-        match retrying(|| client.create_module(device_id, module_id)).await {
-            Ok(m) => (m, true),
-            Err(RegistryError::Conflict(_)) => (
-                retrying(|| client.get_module(device_id, module_id)).await?,
-                false,
-            ),
-            Err(e) => return Err(e.into()),
-        };
+    let (module, module_created) = match client.create_module(device_id, module_id).await {
+        Ok(m) => (m, true),
+        Err(RegistryError::Conflict(_)) => (client.get_module(device_id, module_id).await?, false),
+        Err(e) => return Err(e.into()),
+    };
     let key = module
         .pointer("/authentication/symmetricKey/primaryKey")
         .and_then(Value::as_str)
@@ -133,9 +129,10 @@ pub async fn provision(
     })
 }
 
-/// `edgetwin provision [--config PATH]`; returns the exit code (messages printed).
-pub async fn command(config: Option<&Path>) -> u8 {
-    match command_inner(config).await {
+/// `edgetwin provision [--config PATH] [--ca-file PATH]`; returns the exit code
+/// (messages printed). `ca_file` replaces the config's `hub.ca_file`.
+pub async fn command(config: Option<&Path>, ca_file: Option<&Path>) -> u8 {
+    match command_inner(config, ca_file).await {
         Ok(done) => {
             let how = |created| if created { "created" } else { "existing" };
             println!("device: {} ({})", done.device_id, how(done.device_created));
@@ -153,39 +150,75 @@ pub async fn command(config: Option<&Path>) -> u8 {
     }
 }
 
-async fn command_inner(config: Option<&Path>) -> Result<Provisioned, Failure> {
+async fn command_inner(
+    config: Option<&Path>,
+    ca_file: Option<&Path>,
+) -> Result<Provisioned, Failure> {
     let settings = Settings::load(config).map_err(|e| Failure::new(exit::CONFIG, e.to_string()))?;
-    let p = &settings.provisioning;
-    if p.device_id.is_empty() || p.module_id.is_empty() {
-        return Err(Failure::new(
-            exit::CONFIG,
-            "provisioning.device_id and provisioning.module_id must be set (device_id \
-             defaults to the hostname)",
-        ));
-    }
-    let connstr = settings
-        .service_credentials()
-        .map_err(|e| Failure::new(exit::CONFIG, e.to_string()))?
-        .ok_or_else(|| {
-            Failure::new(
+    Plan::from_settings(&settings, ca_file)?
+        .run()
+        .await
+        .map_err(|e| Failure::new(e.exit_code(), e.to_string()))
+}
+
+/// Everything provisioning needs, taken from the configuration: the registry client
+/// (service credential read once, here), the identities and where the credential goes.
+#[derive(Debug)]
+pub struct Plan {
+    pub client: RegistryClient,
+    /// HostName of the module credential (the hub's, without a port).
+    pub host_name: String,
+    pub device_id: String,
+    pub module_id: String,
+    pub credential_file: PathBuf,
+}
+
+impl Plan {
+    /// `ca_file` overrides `hub.ca_file`. Failures are configuration problems (78).
+    pub fn from_settings(settings: &Settings, ca_file: Option<&Path>) -> Result<Plan, Failure> {
+        let p = &settings.provisioning;
+        if p.device_id.is_empty() || p.module_id.is_empty() {
+            return Err(Failure::new(
                 exit::CONFIG,
-                "no service connection string: set provisioning.service_connection_string_file \
-                 (or the systemd credential service-connection-string)",
-            )
-        })?;
-    let service: ServiceCredentials = connstr
-        .parse()
-        .map_err(|e| Failure::new(exit::CONFIG, format!("service connection string: {e}")))?;
-    let client = client_for(&connstr, settings.hub.ca_file.as_deref())?;
-    provision(
-        &client,
-        hub_host_name(&service),
-        &p.device_id,
-        &p.module_id,
-        &settings.state.provisioned_credentials_file(),
-    )
-    .await
-    .map_err(|e| Failure::new(e.exit_code(), e.to_string()))
+                "provisioning.device_id and provisioning.module_id must be set (device_id \
+                 defaults to the hostname)",
+            ));
+        }
+        let connstr = settings
+            .service_credentials()
+            .map_err(|e| Failure::new(exit::CONFIG, e.to_string()))?
+            .ok_or_else(|| {
+                Failure::new(
+                    exit::CONFIG,
+                    "no service connection string: set \
+                     provisioning.service_connection_string_file (or the systemd credential \
+                     service-connection-string)",
+                )
+            })?;
+        let service: ServiceCredentials = connstr
+            .parse()
+            .map_err(|e| Failure::new(exit::CONFIG, format!("service connection string: {e}")))?;
+        let client = client_for(&connstr, ca_file.or(settings.hub.ca_file.as_deref()))?;
+        Ok(Plan {
+            client,
+            host_name: hub_host_name(&service).to_owned(),
+            device_id: p.device_id.clone(),
+            module_id: p.module_id.clone(),
+            credential_file: settings.state.provisioned_credentials_file(),
+        })
+    }
+
+    /// [`provision`] with this plan.
+    pub async fn run(&self) -> Result<Provisioned, ProvisionError> {
+        provision(
+            &self.client,
+            &self.host_name,
+            &self.device_id,
+            &self.module_id,
+            &self.credential_file,
+        )
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -2,16 +2,79 @@
 //! reqwest with rustls (PROTOCOL §6). Mints a short-lived service SAS token per request
 //! from the policy key. Errors are a typed enum callers branch on; the hub's error body is
 //! parsed into the message users see. Never logs or returns the key or a token.
+//!
+//! Throttling (429) and transient failures (5xx, timeouts, connection errors) are retried
+//! inside the client with jittered exponential backoff, bounded in attempts and in total
+//! time ([`RetryPolicy`]). Transient failures are retried only for requests that are safe
+//! to repeat: GET, PUT (a create repeated after a lost answer gets 409, which callers
+//! treat as "exists"; a twin replace is the same replace), DELETE, and a PATCH with a
+//! real etag (if the first one went through, the etag changed and the repeat gets 412).
+//! A PATCH with `If-Match: "*"` and a direct-method POST are repeated only when the hub
+//! cannot have acted on them: 429, or no connection made.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
+use crate::hub::backoff::BackoffPolicy;
 use crate::identity::ServiceCredentials;
 
 pub const API_VERSION: &str = "2021-04-12";
 /// Service tokens live this long; each request gets a fresh one.
 const TOKEN_TTL: Duration = Duration::from_secs(300);
+/// Default limit for one request (connect, send, answer).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bounds of the retries of throttled and transient failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1: never retry).
+    pub attempts: u32,
+    /// Pause before the first retry; the ceiling doubles per retry up to `max_delay`, and
+    /// each pause is drawn uniformly between `first_delay` and that ceiling.
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+    /// No retry starts later than this after the first attempt began.
+    pub total: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 4,
+            first_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(5),
+            total: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// One attempt, no retry.
+    pub const NONE: RetryPolicy = RetryPolicy {
+        attempts: 1,
+        first_delay: Duration::ZERO,
+        max_delay: Duration::ZERO,
+        total: Duration::ZERO,
+    };
+
+    fn delay(&self, retry: u32) -> Duration {
+        BackoffPolicy {
+            initial: self.first_delay,
+            max: self.max_delay,
+        }
+        .delay(retry)
+    }
+}
+
+/// Whether a request may be sent again after the hub may have acted on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repeat {
+    /// Idempotent (or made safe by `If-Match`): retry 429 and transient failures.
+    Safe,
+    /// Retry only when the hub cannot have acted on it: 429, or no connection made.
+    IfUnprocessed,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -32,6 +95,19 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
+    /// The same error, its message saying the client gave up after `attempts` (> 1).
+    fn after_attempts(self, attempts: u32) -> Self {
+        if attempts <= 1 {
+            return self;
+        }
+        let note = |m: String| format!("{m} (gave up after {attempts} attempts)");
+        match self {
+            RegistryError::Throttled(m) => RegistryError::Throttled(note(m)),
+            RegistryError::Transient(m) => RegistryError::Transient(note(m)),
+            other => other,
+        }
+    }
+
     /// Worth retrying later with backoff.
     pub fn is_retryable(&self) -> bool {
         matches!(
@@ -47,12 +123,15 @@ pub struct RegistryClient {
     http: reqwest::Client,
     base: String,
     credentials: ServiceCredentials,
+    retry: RetryPolicy,
+    request_timeout: Duration,
 }
 
 impl std::fmt::Debug for RegistryClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegistryClient")
             .field("base", &self.base)
+            .field("retry", &self.retry)
             .finish_non_exhaustive()
     }
 }
@@ -65,7 +144,6 @@ impl RegistryClient {
         extra_ca_pem: Option<&[u8]>,
     ) -> Result<Self, RegistryError> {
         let mut builder = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("edgetwin/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = extra_ca_pem {
@@ -82,7 +160,25 @@ impl RegistryClient {
             http,
             base: format!("https://{}", credentials.host_name),
             credentials,
+            retry: RetryPolicy::default(),
+            request_timeout: REQUEST_TIMEOUT,
         })
+    }
+
+    /// The same client with other retry bounds (tests use short ones).
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The same client with another limit for one request (default 30 s).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
     }
 
     pub async fn create_device(&self, device_id: &str) -> Result<Value, RegistryError> {
@@ -97,6 +193,7 @@ impl RegistryClient {
             &format!("/devices/{}", seg(device_id)),
             Some(&body),
             None,
+            Repeat::Safe,
         )
         .await
     }
@@ -107,8 +204,28 @@ impl RegistryClient {
             &format!("/devices/{}", seg(device_id)),
             None,
             None,
+            Repeat::Safe,
         )
         .await
+    }
+
+    /// DELETE a device (and its modules); `etag` `None` sends `If-Match: "*"`.
+    pub async fn delete_device(
+        &self,
+        device_id: &str,
+        etag: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        let path = format!("/devices/{}", seg(device_id));
+        let if_match = quoted(etag);
+        self.call(
+            reqwest::Method::DELETE,
+            &path,
+            None,
+            Some(&if_match),
+            Repeat::Safe,
+        )
+        .await
+        .map(drop)
     }
 
     pub async fn create_module(
@@ -122,7 +239,7 @@ impl RegistryClient {
             "authentication": {"symmetricKey": {}, "type": "sas"}
         });
         let path = format!("/devices/{}/modules/{}", seg(device_id), seg(module_id));
-        self.call(reqwest::Method::PUT, &path, Some(&body), None)
+        self.call(reqwest::Method::PUT, &path, Some(&body), None, Repeat::Safe)
             .await
     }
 
@@ -132,7 +249,28 @@ impl RegistryClient {
         module_id: &str,
     ) -> Result<Value, RegistryError> {
         let path = format!("/devices/{}/modules/{}", seg(device_id), seg(module_id));
-        self.call(reqwest::Method::GET, &path, None, None).await
+        self.call(reqwest::Method::GET, &path, None, None, Repeat::Safe)
+            .await
+    }
+
+    /// DELETE a module; `etag` `None` sends `If-Match: "*"`.
+    pub async fn delete_module(
+        &self,
+        device_id: &str,
+        module_id: &str,
+        etag: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        let path = format!("/devices/{}/modules/{}", seg(device_id), seg(module_id));
+        let if_match = quoted(etag);
+        self.call(
+            reqwest::Method::DELETE,
+            &path,
+            None,
+            Some(&if_match),
+            Repeat::Safe,
+        )
+        .await
+        .map(drop)
     }
 
     pub async fn get_module_twin(
@@ -141,7 +279,8 @@ impl RegistryClient {
         module_id: &str,
     ) -> Result<Value, RegistryError> {
         let path = format!("/twins/{}/modules/{}", seg(device_id), seg(module_id));
-        self.call(reqwest::Method::GET, &path, None, None).await
+        self.call(reqwest::Method::GET, &path, None, None, Repeat::Safe)
+            .await
     }
 
     /// PATCH desired properties, conditional on `etag` (`None`: unconditional, `"*"`).
@@ -154,9 +293,40 @@ impl RegistryClient {
     ) -> Result<Value, RegistryError> {
         let path = format!("/twins/{}/modules/{}", seg(device_id), seg(module_id));
         let body = json!({ "properties": { "desired": desired } });
-        let if_match = format!("\"{}\"", etag.unwrap_or("*"));
-        self.call(reqwest::Method::PATCH, &path, Some(&body), Some(&if_match))
-            .await
+        let if_match = quoted(etag);
+        let repeat = match etag {
+            Some(e) if e.trim_matches('"') != "*" => Repeat::Safe,
+            _ => Repeat::IfUnprocessed,
+        };
+        self.call(
+            reqwest::Method::PATCH,
+            &path,
+            Some(&body),
+            Some(&if_match),
+            repeat,
+        )
+        .await
+    }
+
+    /// PUT (replace) the twin's tags and desired properties: `twin` is a fragment such as
+    /// `{"tags": {...}, "properties": {"desired": {...}}}`; `etag` `None` sends `"*"`.
+    pub async fn replace_module_twin(
+        &self,
+        device_id: &str,
+        module_id: &str,
+        twin: &Value,
+        etag: Option<&str>,
+    ) -> Result<Value, RegistryError> {
+        let path = format!("/twins/{}/modules/{}", seg(device_id), seg(module_id));
+        let if_match = quoted(etag);
+        self.call(
+            reqwest::Method::PUT,
+            &path,
+            Some(twin),
+            Some(&if_match),
+            Repeat::Safe,
+        )
+        .await
     }
 
     pub async fn invoke_module_method(
@@ -178,17 +348,71 @@ impl RegistryClient {
             "responseTimeoutInSeconds": timeout_secs,
             "connectTimeoutInSeconds": 0
         });
-        self.call(reqwest::Method::POST, &path, Some(&body), None)
-            .await
+        self.call(
+            reqwest::Method::POST,
+            &path,
+            Some(&body),
+            None,
+            Repeat::IfUnprocessed,
+        )
+        .await
     }
 
+    /// One operation: attempts within [`RetryPolicy`]; the last error says how many.
     async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<&Value>,
         if_match: Option<&str>,
+        repeat: Repeat,
     ) -> Result<Value, RegistryError> {
+        let started = tokio::time::Instant::now();
+        let mut attempt = 1;
+        loop {
+            let failure = match self.attempt(&method, path, body, if_match).await {
+                Ok(value) => return Ok(value),
+                Err(failure) => failure,
+            };
+            let retryable = match &failure.error {
+                RegistryError::Throttled(_) => true,
+                RegistryError::Transient(_) => repeat == Repeat::Safe || failure.unprocessed,
+                _ => false,
+            };
+            if !retryable {
+                return Err(failure.error);
+            }
+            let pause = failure
+                .retry_after
+                .map(|d| {
+                    d.clamp(
+                        self.retry.first_delay,
+                        self.retry.max_delay.max(self.retry.first_delay),
+                    )
+                })
+                .unwrap_or_else(|| self.retry.delay(attempt - 1));
+            if attempt >= self.retry.attempts || started.elapsed() + pause > self.retry.total {
+                return Err(failure.error.after_attempts(attempt));
+            }
+            tracing::warn!(
+                error = %failure.error,
+                attempt,
+                pause_ms = pause.as_millis() as u64,
+                "hub request failed; retrying"
+            );
+            tokio::time::sleep(pause).await;
+            attempt += 1;
+        }
+    }
+
+    /// One request.
+    async fn attempt(
+        &self,
+        method: &reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+    ) -> Result<Value, AttemptFailure> {
         let expiry = SystemTime::now()
             .checked_add(TOKEN_TTL)
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -197,6 +421,7 @@ impl RegistryClient {
         let mut req = self
             .http
             .request(method.clone(), &url)
+            .timeout(self.request_timeout)
             .header("Authorization", self.credentials.sas_token(expiry))
             .header("Accept", "application/json");
         if let Some(b) = body {
@@ -207,8 +432,10 @@ impl RegistryClient {
         if let Some(m) = if_match {
             req = req.header("If-Match", m);
         }
-        let resp = req.send().await.map_err(|e| {
-            RegistryError::Transient(format!("{method} {path}: {}", without_url(&e)))
+        let resp = req.send().await.map_err(|e| AttemptFailure {
+            unprocessed: e.is_connect(),
+            retry_after: None,
+            error: RegistryError::Transient(format!("{method} {path}: {}", without_url(&e))),
         })?;
         let status = resp.status();
         let date = resp
@@ -221,18 +448,26 @@ impl RegistryClient {
             .get("iothub-errorcode")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let text = resp.text().await.map_err(|e| {
-            RegistryError::Transient(format!(
+            AttemptFailure::from(RegistryError::Transient(format!(
                 "{method} {path}: reading the body: {}",
                 without_url(&e)
-            ))
+            )))
         })?;
         if status.is_success() {
             if text.trim().is_empty() {
                 return Ok(Value::Null);
             }
             return serde_json::from_str(&text).map_err(|e| {
-                RegistryError::Invalid(format!("{method} {path}: hub answered non-JSON: {e}"))
+                AttemptFailure::from(RegistryError::Invalid(format!(
+                    "{method} {path}: hub answered non-JSON: {e}"
+                )))
             });
         }
         let mut message = format!(
@@ -246,7 +481,7 @@ impl RegistryClient {
                 ));
             }
         }
-        Err(match status.as_u16() {
+        let error = match status.as_u16() {
             401 | 403 => RegistryError::Unauthorized(message),
             404 => RegistryError::NotFound(message),
             409 => RegistryError::Conflict(message),
@@ -254,8 +489,37 @@ impl RegistryClient {
             429 => RegistryError::Throttled(message),
             500..=599 => RegistryError::Transient(message),
             _ => RegistryError::Invalid(message),
+        };
+        Err(AttemptFailure {
+            error,
+            unprocessed: false,
+            retry_after,
         })
     }
+}
+
+/// A failed attempt, with what the retry decision needs.
+struct AttemptFailure {
+    error: RegistryError,
+    /// The request cannot have reached the hub (no connection was made).
+    unprocessed: bool,
+    /// The hub's `Retry-After`, in seconds.
+    retry_after: Option<Duration>,
+}
+
+impl From<RegistryError> for AttemptFailure {
+    fn from(error: RegistryError) -> Self {
+        AttemptFailure {
+            error,
+            unprocessed: false,
+            retry_after: None,
+        }
+    }
+}
+
+/// `If-Match` as the SDKs send it: the etag in double quotes, or `"*"`.
+fn quoted(etag: Option<&str>) -> String {
+    format!("\"{}\"", etag.map_or("*", |e| e.trim_matches('"')))
 }
 
 /// Percent-encodes one path segment (ids may hold characters such as `#` or `?`).

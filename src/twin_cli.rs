@@ -8,7 +8,6 @@
 //! Every failure is a [`Failure`] carrying its sysexits code. Nothing here ever prints
 //! a key, token or connection string.
 
-use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
@@ -21,8 +20,6 @@ use crate::registry::{RegistryClient, RegistryError};
 
 /// How often `--wait-ack` reads the twin.
 const ACK_POLL: Duration = Duration::from_millis(500);
-/// Attempts for one REST call when the hub throttles or is briefly unavailable.
-const ATTEMPTS: u32 = 3;
 
 /// A command failed: what to tell the user, and the exit code.
 #[derive(Debug)]
@@ -82,7 +79,9 @@ pub async fn run(command: TwinCommand) -> u8 {
 /// `twin show`: the twin in readable form, or the raw document with `--json`.
 pub async fn show(service: &ServiceArgs, json: bool) -> Result<u8, Failure> {
     let client = service_client(service)?;
-    let twin = retrying(|| client.get_module_twin(&service.device, &service.module)).await?;
+    let twin = client
+        .get_module_twin(&service.device, &service.module)
+        .await?;
     if json {
         let text = serde_json::to_string_pretty(&twin)
             .map_err(|e| Failure::new(exit::SOFTWARE, e.to_string()))?;
@@ -106,7 +105,7 @@ pub async fn set(
     let (device, module) = (service.device.as_str(), service.module.as_str());
     let desired_patch = Value::Object(patch.clone());
 
-    let twin = retrying(|| client.get_module_twin(device, module)).await?;
+    let twin = client.get_module_twin(device, module).await?;
     let etag = etag_of(&twin)?;
     let updated = match client
         .patch_desired(device, module, &desired_patch, Some(&etag))
@@ -114,7 +113,7 @@ pub async fn set(
     {
         Err(RegistryError::PreconditionFailed(_)) => {
             // Someone changed the twin between our read and our write: once more.
-            let twin = retrying(|| client.get_module_twin(device, module)).await?;
+            let twin = client.get_module_twin(device, module).await?;
             let etag = etag_of(&twin)?;
             client
                 .patch_desired(device, module, &desired_patch, Some(&etag))
@@ -157,7 +156,13 @@ async fn wait_for_acks(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     let mut pending: Vec<String> = patch.keys().cloned().collect();
     loop {
-        match client.get_module_twin(device, module).await {
+        // The client retries throttling and outages itself; the deadline bounds it.
+        let read = tokio::time::timeout_at(deadline, client.get_module_twin(device, module));
+        match read.await.unwrap_or_else(|_| {
+            Err(RegistryError::Transient(format!(
+                "reading the twin of {device}/{module}: no answer in time"
+            )))
+        }) {
             Ok(twin) => {
                 let reported = twin
                     .pointer("/properties/reported")
@@ -340,28 +345,6 @@ fn etag_of(twin: &Value) -> Result<String, Failure> {
         .and_then(Value::as_str)
         .map(|e| e.trim_matches('"').to_owned())
         .ok_or_else(|| Failure::new(exit::DATA, "the hub's twin has no etag"))
-}
-
-/// Runs `op` up to [`ATTEMPTS`] times while the hub throttles or is unavailable, with
-/// jittered, growing pauses.
-pub async fn retrying<T, F, Fut>(mut op: F) -> Result<T, RegistryError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, RegistryError>>,
-{
-    let mut attempt = 1;
-    loop {
-        match op().await {
-            Err(e) if e.is_retryable() && attempt < ATTEMPTS => {
-                let base = 500u64 << attempt;
-                let pause = base / 2 + rand::random::<u64>() % (base / 2 + 1);
-                tracing::warn!(error = %e, attempt, "retrying in {pause} ms");
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
 }
 
 /// The service client for `twin show/set`: credential from the flag/environment or the

@@ -404,116 +404,36 @@ async fn provision_completes_an_interrupted_run() {
     assert_no_secrets(&out, &[module.key.as_base64(), service.key.as_base64()]);
 }
 
-/// A scripted stand-in for the hub's twin REST API, for what the emulator cannot be made
-/// to do on cue: the twin changes between `twin set`'s read and its write.
-mod fake_hub {
-    use std::sync::{Arc, Mutex};
-
-    use axum::extract::State;
-    use axum::http::{HeaderMap, StatusCode};
-    use axum::routing::get;
-    use axum::{Json, Router};
-    use hyper_util::rt::TokioIo;
-    use hyper_util::service::TowerToHyperService;
-    use serde_json::{json, Value};
-    use tokio::net::TcpListener;
-    use tokio_rustls::TlsAcceptor;
-
-    #[derive(Default)]
-    pub struct Script {
-        /// The twin's etag sequence number.
-        pub etag: u64,
-        /// GETs after which someone else changes the twin (bumps the etag).
-        pub changes_after_get: u32,
-        /// `If-Match` of every PATCH, as sent.
-        pub if_matches: Vec<String>,
-    }
-
-    type Shared = Arc<Mutex<Script>>;
-
-    fn etag(n: u64) -> String {
-        format!("etag{n}")
-    }
-
-    fn twin(n: u64) -> Value {
-        json!({"deviceId": "gw1", "moduleId": "edgetwin", "etag": etag(n),
-               "properties": {"desired": {"$version": n}, "reported": {"$version": 1}}})
-    }
-
-    async fn get_twin(State(s): State<Shared>) -> Json<Value> {
-        let mut s = s.lock().unwrap();
-        let answer = twin(s.etag);
-        if s.changes_after_get > 0 {
-            s.changes_after_get -= 1;
-            s.etag += 1;
-        }
-        Json(answer)
-    }
-
-    async fn patch_twin(
-        State(s): State<Shared>,
-        headers: HeaderMap,
-    ) -> Result<Json<Value>, (StatusCode, Json<Value>)> {
-        let mut s = s.lock().unwrap();
-        let if_match = headers
-            .get("if-match")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        s.if_matches.push(if_match.clone());
-        if if_match != format!("\"{}\"", etag(s.etag)) {
-            let body = json!({"Message": "ErrorCode:PreconditionFailed;etag mismatch",
-                              "ExceptionMessage": ""});
-            return Err((StatusCode::PRECONDITION_FAILED, Json(body)));
-        }
-        s.etag += 1;
-        Ok(Json(twin(s.etag)))
-    }
-
-    /// Serves HTTPS on a free port with the certificate in `dir` (created there, with its
-    /// CA as `ca.pem`); returns the port.
-    pub async fn start(dir: &std::path::Path, script: Shared) -> u16 {
-        let tls = edgetwin::sim::tls::load_or_create(dir, "localhost").expect("certificates");
-        let acceptor = TlsAcceptor::from(tls.server_config);
-        let app = Router::new()
-            .route(
-                "/twins/:device/modules/:module",
-                get(get_twin).patch(patch_twin),
-            )
-            .with_state(script);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, app) = (acceptor.clone(), app.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
-                        .await;
-                });
-            }
-        });
-        port
-    }
-}
-
-/// `twin set` against the fake hub; returns the output and the `If-Match`es it sent.
+/// `twin set` against a scripted hub whose twin changes (its etag moves on) after each
+/// of the first `changes_after_get` GETs, for what the emulator cannot be made to do on
+/// cue; returns the output and the `If-Match`es the PATCHes carried.
 async fn set_against_fake(changes_after_get: u32) -> (Output, Vec<String>) {
-    let dir = tempfile::tempdir().unwrap();
-    let script = std::sync::Arc::new(std::sync::Mutex::new(fake_hub::Script {
-        etag: 4,
-        changes_after_get,
-        ..Default::default()
-    }));
-    let port = fake_hub::start(dir.path(), script.clone()).await;
-    let connstr = format!(
-        "HostName=localhost:{port};SharedAccessKeyName=iothubowner;SharedAccessKey={}",
-        edgetwin::identity::SharedKey::generate().as_base64()
-    );
-    let ca = dir.path().join(edgetwin::sim::tls::CA_FILE);
+    use support::scripted_https::{Reply, ScriptedHttps};
+
+    let twin = |n: u64| {
+        json!({"deviceId": "gw1", "moduleId": "edgetwin", "etag": format!("etag{n}"),
+               "properties": {"desired": {"$version": n}, "reported": {"$version": 1}}})
+    };
+    let (mut etag, mut changes) = (4u64, changes_after_get);
+    let hub = ScriptedHttps::start(move |req| match req.method.as_str() {
+        "GET" => {
+            let answer = Reply::json(200, twin(etag));
+            if changes > 0 {
+                changes -= 1;
+                etag += 1;
+            }
+            answer
+        }
+        "PATCH" if req.header("if-match") == Some(&format!("\"etag{etag}\"")) => {
+            etag += 1;
+            Reply::json(200, twin(etag))
+        }
+        "PATCH" => Reply::hub_error(412, "PreconditionFailed", "etag mismatch"),
+        _ => Reply::empty(405),
+    })
+    .await;
+    let connstr = hub.service_connection_string("iothubowner");
+    let ca = hub.ca_path();
     let out = edgetwin(
         &[
             "twin",
@@ -529,7 +449,12 @@ async fn set_against_fake(changes_after_get: u32) -> (Output, Vec<String>) {
         &[("EDGETWIN_SERVICE_CONNECTION_STRING", connstr.as_str())],
     )
     .await;
-    let if_matches = script.lock().unwrap().if_matches.clone();
+    let if_matches = hub
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .map(|r| r.header("if-match").unwrap_or_default().to_owned())
+        .collect();
     (out, if_matches)
 }
 

@@ -3,6 +3,8 @@
 //! [`SimEvent`]s with a timeout instead of sleeping.
 #![allow(dead_code)]
 
+pub mod scripted_https;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -1,0 +1,327 @@
+//! First boot of `edgetwin run` (a real process under a fake service manager) with
+//! `[provisioning] enabled = true` and no module credential: READY as soon as the local
+//! state is in force with STATUS saying it is provisioning, provisioning retried while
+//! the hub is unreachable, `module.connstr` written (0600), then connected and applying
+//! desired patches. A second boot no longer needs the service credential. A policy
+//! without registry write rights stops the daemon with exit 77 and a log saying why.
+
+mod daemon_support;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use daemon_support::{DEVICE, MODULE, WAIT};
+use edgetwin::identity::{ModuleCredentials, ServiceCredentials};
+use edgetwin::sim::service_side::TwinWrite;
+use edgetwin::sim::{Sim, SimConfig, SimEvent};
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, UnixDatagram};
+use tokio::process::Child;
+use tokio::sync::broadcast;
+
+/// Every notification received, in order.
+struct Notifications {
+    socket: UnixDatagram,
+    seen: Vec<String>,
+}
+
+impl Notifications {
+    /// Waits for a notification with a line starting with `line`; returns it whole.
+    async fn expect(&mut self, line: &str) -> String {
+        let socket = &self.socket;
+        let seen = &mut self.seen;
+        let found = tokio::time::timeout(WAIT, async {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = socket.recv(&mut buf).await.expect("recv");
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                seen.push(text.clone());
+                if text.lines().any(|l| l.starts_with(line)) {
+                    return text;
+                }
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no {line} notification; got {:?}", self.seen))
+    }
+}
+
+/// The daemon's configuration: provisioning on, the service credential in `service_file`,
+/// no module credential configured (it goes to `<state>/module.connstr`).
+fn write_config(work: &Path, mqtt: SocketAddr, ca: &Path, service_file: &Path) -> PathBuf {
+    let config = work.join("edgetwin.toml");
+    let text = format!(
+        "[hub]\ngateway_host = \"127.0.0.1:{port}\"\nca_file = {ca:?}\n\
+         backoff = {{ initial = \"100ms\", max = \"500ms\" }}\n\n\
+         [provisioning]\nenabled = true\nservice_connection_string_file = {svc:?}\n\
+         device_id = \"{DEVICE}\"\nmodule_id = \"{MODULE}\"\n\n\
+         [state]\ndir = {state:?}\n\n[log]\nlevel = \"debug\"\nformat = \"text\"\n",
+        port = mqtt.port(),
+        svc = service_file,
+        state = work.join("state"),
+    );
+    std::fs::write(&config, text).expect("config written");
+    config
+}
+
+/// `edgetwin run --config CONFIG`, stderr collected; `notify` is the NOTIFY_SOCKET.
+fn spawn_daemon(config: &Path, notify: Option<&Path>) -> (Child, tokio::task::JoinHandle<String>) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgetwin"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("EDGETWIN_")
+            || name == "CREDENTIALS_DIRECTORY"
+            || name == "NOTIFY_SOCKET"
+            || name.starts_with("WATCHDOG_")
+            || name == "JOURNAL_STREAM"
+        {
+            cmd.env_remove(name);
+        }
+    }
+    if let Some(socket) = notify {
+        cmd.env("NOTIFY_SOCKET", socket)
+            .env("WATCHDOG_USEC", "2000000");
+    }
+    let mut child = cmd
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("edgetwin runs");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let log = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text).await;
+        text
+    });
+    (child, log)
+}
+
+/// SIGTERM, then the exit code and the log.
+async fn stop(mut child: Child, log: tokio::task::JoinHandle<String>) -> (i32, String) {
+    let pid = child.id().expect("running");
+    let status = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid}")])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits in time")
+        .expect("wait");
+    (status.code().expect("exit code"), log.await.expect("log"))
+}
+
+async fn wait_event(
+    events: &mut broadcast::Receiver<SimEvent>,
+    what: &str,
+    mut want: impl FnMut(&SimEvent) -> bool,
+) -> SimEvent {
+    let found = tokio::time::timeout(WAIT, async {
+        loop {
+            match events.recv().await {
+                Ok(event) if want(&event) => return event,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => panic!("sim closed"),
+            }
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+fn assert_no_secrets(log: &str, secrets: &[&str]) {
+    for secret in secrets
+        .iter()
+        .chain(&["SharedAccessSignature", "sig=", "SharedAccessKey="])
+    {
+        assert!(
+            !log.contains(secret),
+            "log leaks a secret ({secret:.12}…):\n{log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_boot_provisions_once_the_hub_is_reachable_then_applies_patches() {
+    // A fresh hub's state (policy keys, CA), made by starting the emulator once.
+    let sim_dir = tempfile::tempdir().expect("tempdir");
+    let sim = Sim::start(SimConfig::ephemeral(sim_dir.path()))
+        .await
+        .expect("sim starts");
+    let policy: ServiceCredentials = sim
+        .service_connection_string("registryReadWrite")
+        .expect("registryReadWrite policy")
+        .parse()
+        .unwrap();
+    let ca = sim.ca_path();
+    sim.shutdown().await;
+
+    // The ports the hub will have, held by this test until it comes up: MQTT never
+    // answers, REST accepts and hangs up at once (counted). The hub is unreachable.
+    let mqtt_hold = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let rest_hold = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (mqtt, https) = (
+        mqtt_hold.local_addr().unwrap(),
+        rest_hold.local_addr().unwrap(),
+    );
+    let attempts = Arc::new(AtomicU32::new(0));
+    let counted = attempts.clone();
+    let unreachable = tokio::spawn(async move {
+        let _mqtt_hold = mqtt_hold;
+        while let Ok((tcp, _)) = rest_hold.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(tcp);
+        }
+    });
+    let service_connstr = format!(
+        "HostName=localhost:{};SharedAccessKeyName={};SharedAccessKey={}",
+        https.port(),
+        policy.policy_name,
+        policy.key.as_base64()
+    );
+
+    let work = tempfile::tempdir().expect("tempdir");
+    let service_file = work.path().join("service.connstr");
+    std::fs::write(&service_file, &service_connstr).expect("service credential written");
+    let config = write_config(work.path(), mqtt, &ca, &service_file);
+    let credential = work.path().join("state").join("module.connstr");
+
+    let sock_dir = tempfile::tempdir().expect("tempdir");
+    let sock_path = sock_dir.path().join("notify.sock");
+    let mut notes = Notifications {
+        socket: UnixDatagram::bind(&sock_path).expect("bind"),
+        seen: Vec::new(),
+    };
+    let (child, log) = spawn_daemon(&config, Some(&sock_path));
+
+    // READY once the local state is in force, before any network I/O succeeded.
+    let ready = notes.expect("READY=1").await;
+    assert!(
+        ready.contains(&format!("STATUS=provisioning {DEVICE}/{MODULE}")),
+        "{ready}"
+    );
+    tokio::time::timeout(WAIT, async {
+        while attempts.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("provisioning keeps trying while the hub is unreachable");
+    notes.expect("WATCHDOG=1").await;
+    assert!(!credential.exists(), "nothing written before success");
+
+    // The hub comes up on the same ports.
+    unreachable.abort();
+    let _ = unreachable.await;
+    let sim = Sim::start(SimConfig {
+        mqtt_addr: mqtt,
+        https_addr: https,
+        hub_name: "localhost".into(),
+        state_dir: sim_dir.path().to_owned(),
+    })
+    .await
+    .expect("sim starts on the same ports");
+    let mut events = sim.hub().events();
+
+    let connected = notes.expect("STATUS=connected to").await;
+    assert!(
+        connected.contains(&format!("localhost as {DEVICE}/{MODULE}")),
+        "{connected}"
+    );
+    let written = std::fs::read_to_string(&credential).expect("module.connstr written");
+    assert_eq!(
+        std::fs::metadata(&credential).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        sim.hub()
+            .module_connection_string(DEVICE, MODULE)
+            .as_deref(),
+        Some(written.trim())
+    );
+
+    let twin = sim
+        .hub()
+        .write_module_twin(
+            DEVICE,
+            MODULE,
+            TwinWrite::Patch,
+            &json!({"properties": {"desired": {"telemetryInterval": 122}}}),
+            None,
+        )
+        .expect("desired patched");
+    let version = twin["properties"]["desired"]["$version"].as_u64().unwrap();
+    let ack = wait_event(&mut events, "the ack of telemetryInterval", |e| {
+        matches!(e, SimEvent::ReportedPatched { patch, .. }
+            if patch["telemetryInterval"]["av"] == json!(version))
+    })
+    .await;
+    let SimEvent::ReportedPatched { patch, .. } = ack else {
+        unreachable!()
+    };
+    assert_eq!(patch["telemetryInterval"]["value"], 122);
+    assert_eq!(patch["telemetryInterval"]["ac"], 200);
+
+    let (code, log) = stop(child, log).await;
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("retrying"), "{log}");
+    assert!(log.contains("module identity provisioned"), "{log}");
+    let service: ServiceCredentials = service_connstr.parse().unwrap();
+    let module: ModuleCredentials = written.trim().parse().unwrap();
+    assert_no_secrets(&log, &[service.key.as_base64(), module.key.as_base64()]);
+
+    // Second boot: the service credential is gone and not needed any more.
+    std::fs::remove_file(&service_file).expect("service credential removed");
+    let (child, log) = spawn_daemon(&config, None);
+    wait_event(&mut events, "the second boot's connect", |e| {
+        matches!(e, SimEvent::Connected { .. })
+    })
+    .await;
+    let (code, log) = stop(child, log).await;
+    assert_eq!(code, 0, "{log}");
+    assert!(!log.contains("provisioning"), "{log}");
+    assert_eq!(std::fs::read_to_string(&credential).unwrap(), written);
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_boot_with_a_read_only_policy_exits_77() {
+    let sim_dir = tempfile::tempdir().expect("tempdir");
+    let sim = Sim::start(SimConfig::ephemeral(sim_dir.path()))
+        .await
+        .expect("sim starts");
+    let work = tempfile::tempdir().expect("tempdir");
+    let service_file = work.path().join("service.connstr");
+    let read_only = sim
+        .service_connection_string("registryRead")
+        .expect("registryRead policy");
+    std::fs::write(&service_file, &read_only).unwrap();
+    let config = write_config(work.path(), sim.mqtt_addr(), &sim.ca_path(), &service_file);
+
+    let (mut child, log) = spawn_daemon(&config, None);
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("gives up in time")
+        .expect("wait");
+    let log = log.await.unwrap();
+    assert_eq!(status.code(), Some(77), "{log}");
+    assert!(log.contains("provisioning failed: not authorised"), "{log}");
+    assert!(
+        log.contains("registryReadWrite"),
+        "says what is needed: {log}"
+    );
+    assert!(!work.path().join("state").join("module.connstr").exists());
+    assert!(sim.hub().get_device(DEVICE).is_err(), "nothing created");
+    let service: ServiceCredentials = read_only.parse().unwrap();
+    assert_no_secrets(&log, &[service.key.as_base64()]);
+    sim.shutdown().await;
+}
