@@ -599,3 +599,101 @@ async fn an_unreachable_hub_exits_69() {
     .await;
     assert_eq!(code(&out), 69, "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provision_against_an_unreachable_hub_exits_69_then_succeeds_once_it_is_up() {
+    use edgetwin::sim::{Sim, SimConfig};
+
+    // A fresh hub's state (policy key, CA), then its ports held by the test: the REST
+    // port accepts and hangs up (counted), so the hub is unreachable.
+    let sim_dir = tempfile::tempdir().unwrap();
+    let sim = Sim::start(SimConfig::ephemeral(sim_dir.path()))
+        .await
+        .expect("sim starts");
+    let policy: ServiceCredentials = sim
+        .service_connection_string("registryReadWrite")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ca = sim.ca_path();
+    sim.shutdown().await;
+    let mqtt_hold = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rest_hold = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (mqtt, https) = (
+        mqtt_hold.local_addr().unwrap(),
+        rest_hold.local_addr().unwrap(),
+    );
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = attempts.clone();
+    let unreachable = tokio::spawn(async move {
+        let _mqtt_hold = mqtt_hold;
+        while let Ok((tcp, _)) = rest_hold.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(tcp);
+        }
+    });
+
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let config = work.path().join("edgetwin.toml");
+    let svc = format!(
+        "HostName=localhost:{};SharedAccessKeyName={};SharedAccessKey={}",
+        https.port(),
+        policy.policy_name,
+        policy.key.as_base64()
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "[provisioning]\nenabled = true\nservice_connection_string = \"{svc}\"\n\
+             device_id = \"{DEVICE}\"\nmodule_id = \"{MODULE}\"\n\n[state]\ndir = {state:?}\n"
+        ),
+    )
+    .unwrap();
+    // The CA from the command line, not the config.
+    let args = [
+        "provision",
+        "--config",
+        config.to_str().unwrap(),
+        "--ca-file",
+        ca.to_str().unwrap(),
+    ];
+
+    let out = edgetwin(&args, &[]).await;
+    assert_eq!(code(&out), 69, "{}", stderr(&out));
+    let attempted = attempts.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (2..=4).contains(&attempted),
+        "bounded retries: {attempted} attempts"
+    );
+    assert!(
+        stderr(&out).contains("hub unavailable: PUT /devices/gw1"),
+        "names what failed: {}",
+        stderr(&out)
+    );
+    assert!(!state.join("module.connstr").exists());
+    assert_no_secrets(&out, &[policy.key.as_base64()]);
+
+    unreachable.abort();
+    let _ = unreachable.await;
+    let sim = Sim::start(SimConfig {
+        mqtt_addr: mqtt,
+        https_addr: https,
+        hub_name: "localhost".into(),
+        state_dir: sim_dir.path().to_owned(),
+    })
+    .await
+    .expect("sim starts on the same ports");
+    let out = edgetwin(&args, &[]).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let written = std::fs::read_to_string(state.join("module.connstr")).unwrap();
+    assert_eq!(
+        sim.hub()
+            .module_connection_string(DEVICE, MODULE)
+            .as_deref(),
+        Some(written.trim())
+    );
+    let module: ModuleCredentials = written.trim().parse().unwrap();
+    assert_no_secrets(&out, &[policy.key.as_base64(), module.key.as_base64()]);
+    sim.shutdown().await;
+}
