@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 
 use super::errors::HubError;
 use super::hub::{
-    is_supported_filter, now_ts, unix_now, Accepted, Connection, Hub, ModuleKey, Outbound, Refused,
-    Right, SimEvent, State, Telemetry, DESIRED_FILTER, MAX_SUBSCRIPTIONS, METHODS_FILTER,
+    hub_unix_now, is_supported_filter, now_ts, Accepted, Connection, Hub, ModuleKey, Outbound,
+    Refused, Right, SimEvent, State, Telemetry, DESIRED_FILTER, MAX_SUBSCRIPTIONS, METHODS_FILTER,
     OUTBOUND_CAPACITY, TELEMETRY_KEEP,
 };
 use crate::identity::{SasError, SasToken, SharedKey};
@@ -125,7 +125,8 @@ impl Hub {
                 }
             },
         };
-        let now = unix_now();
+        let offset = st.faults.clock_offset_secs;
+        let now = hub_unix_now(offset);
         // A genuine but expired token says more than a signature mismatch with the other key.
         let mut outcome = Err(SasError::BadSignature);
         for key in keys.iter().filter_map(|k| SharedKey::from_base64(k).ok()) {
@@ -181,8 +182,11 @@ impl Hub {
             conn_id,
             module,
             session_present,
+            // The hub's clock reaches the expiry `offset` seconds earlier than the machine's.
             expires_at: SystemTime::UNIX_EPOCH
-                .checked_add(Duration::from_secs(token.expiry))
+                .checked_add(Duration::from_secs(
+                    token.expiry.saturating_add_signed(-offset),
+                ))
                 .unwrap_or(SystemTime::UNIX_EPOCH + Duration::from_secs(u32::MAX.into())),
             outbound: rx,
         })
@@ -275,6 +279,7 @@ impl Hub {
         if current(&st, conn_id, module).is_none() {
             return;
         }
+        st.twin_requests += 1;
         touch(&mut st, module);
         let (status, body) = if twin_throttled(&mut st) {
             (429, error_body(&HubError::throttled()))
@@ -319,6 +324,7 @@ impl Hub {
         if current(&st, conn_id, module).is_none() {
             return;
         }
+        st.twin_requests += 1;
         touch(&mut st, module);
         let result = if twin_throttled(&mut st) {
             Err(HubError::throttled())
@@ -332,7 +338,13 @@ impl Hub {
             None => result,
         };
         let mut st = self.state();
-        let delivery = twin_delivery(&mut st);
+        let cut = result.is_ok() && st.faults.drop_after_reported > 0;
+        let delivery = if cut {
+            st.faults.drop_after_reported -= 1;
+            Delivery::Dropped
+        } else {
+            twin_delivery(&mut st)
+        };
         let (topic, body, event) = match result {
             Ok((version, patch)) => (
                 format!("$iothub/twin/res/204/?$rid={rid}&$version={version}"),
@@ -355,6 +367,27 @@ impl Hub {
         self.deliver(&st, module, topic, body, delivery);
         drop(st);
         self.emit(event);
+        if cut {
+            self.close_connection(conn_id, module, "connection dropped before the 204 (fault)");
+        }
+    }
+
+    /// Closes one connection from the hub's side (fault injection).
+    fn close_connection(&self, conn_id: u64, module: &ModuleKey, reason: &'static str) {
+        let mut st = self.state();
+        if current(&st, conn_id, module).is_none() {
+            return;
+        }
+        if let Some(c) = st.connections.remove(module) {
+            let _ = c.tx.try_send(Outbound::Close { reason });
+            if c.clean_session {
+                st.volatile_sessions.remove(&c.client_id);
+            }
+        }
+        drop(st);
+        self.emit(SimEvent::Disconnected {
+            module: module.clone(),
+        });
     }
 
     /// `$iothub/methods/res/{status}/?$rid=` — completes a pending service invocation.
@@ -458,10 +491,11 @@ impl Hub {
     }
 
     /// Pushes a desired-property notification to the module if it is connected and
-    /// subscribed. Returns whether it was sent.
+    /// subscribed, subject to the notification faults (drop, duplicate, reorder). Returns
+    /// whether it was sent (or held back for reordering).
     pub(super) fn notify_desired(
         &self,
-        st: &State,
+        st: &mut State,
         module: &ModuleKey,
         payload: &Value,
         version: u64,
@@ -470,13 +504,41 @@ impl Hub {
             return false;
         }
         let topic = format!("$iothub/twin/PATCH/properties/desired/?$version={version}");
-        self.deliver(
-            st,
-            module,
-            topic,
-            Bytes::from(payload.to_string()),
-            Delivery::Now,
-        )
+        let payload = Bytes::from(payload.to_string());
+        let f = &mut st.faults;
+        if f.drop_desired > 0 {
+            f.drop_desired -= 1;
+            return false;
+        }
+        if f.reorder_desired > 0 && f.held_desired.is_none() {
+            f.reorder_desired -= 1;
+            f.held_desired = Some((module.clone(), topic, payload));
+            return true;
+        }
+        let duplicate = f.duplicate_desired > 0;
+        if duplicate {
+            f.duplicate_desired -= 1;
+        }
+        let held = f.held_desired.take();
+        let sent = self.push_desired(st, module, topic.clone(), payload.clone());
+        if duplicate {
+            self.push_desired(st, module, topic, payload);
+        }
+        if let Some((m, t, p)) = held {
+            self.push_desired(st, &m, t, p);
+        }
+        sent
+    }
+
+    /// Delivers one desired notification now.
+    pub(super) fn push_desired(
+        &self,
+        st: &State,
+        module: &ModuleKey,
+        topic: String,
+        payload: Bytes,
+    ) -> bool {
+        self.deliver(st, module, topic, payload, Delivery::Now)
     }
 
     /// Sends a method request to the module if it is connected and subscribed.

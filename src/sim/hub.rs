@@ -168,6 +168,20 @@ pub(super) struct FaultState {
     pub(super) throttle_twin_until: Option<std::time::Instant>,
     pub(super) drop_twin_responses: u32,
     pub(super) delay_twin_responses: Option<Duration>,
+    /// The next n desired notifications are lost on the way to the module.
+    pub(super) drop_desired: u32,
+    /// The next n desired notifications are delivered twice.
+    pub(super) duplicate_desired: u32,
+    /// The next n desired notifications are held back and delivered after the one that
+    /// follows them (out of order).
+    pub(super) reorder_desired: u32,
+    /// A held-back notification: its module, topic and payload.
+    pub(super) held_desired: Option<(ModuleKey, String, Bytes)>,
+    /// The next n reported patches take effect, then the connection drops before the 204.
+    pub(super) drop_after_reported: u32,
+    /// Seconds the hub's clock is ahead of (positive) or behind (negative) the machine's;
+    /// SAS expiry is judged by the hub's clock.
+    pub(super) clock_offset_secs: i64,
 }
 
 pub(super) struct Connection {
@@ -193,6 +207,8 @@ pub(super) struct State {
     pub(super) telemetry: VecDeque<Telemetry>,
     pub(super) telemetry_seq: u64,
     pub(super) faults: FaultState,
+    /// Twin requests (GET and reported PATCH) received, answered or not.
+    pub(super) twin_requests: u64,
 }
 
 /// The hub. Cheap to clone (an `Arc`); every front end holds one.
@@ -228,6 +244,11 @@ pub(super) fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// The hub's clock in Unix seconds: the machine's, shifted by the clock-skew fault.
+pub(super) fn hub_unix_now(offset_secs: i64) -> u64 {
+    unix_now().saturating_add_signed(offset_secs)
 }
 
 pub(super) fn now_ts() -> String {
@@ -335,6 +356,7 @@ impl Hub {
                     telemetry: VecDeque::new(),
                     telemetry_seq: 0,
                     faults: FaultState::default(),
+                    twin_requests: 0,
                 }),
                 written: Mutex::new(0),
                 generation: std::sync::atomic::AtomicU64::new(0),
@@ -465,8 +487,66 @@ impl Faults {
         self.hub.state().faults.delay_twin_responses = delay;
     }
 
-    /// Clears every fault.
+    /// The next `n` desired-property notifications are lost (the twin still changes, as
+    /// when a QoS 0 publish is lost).
+    pub fn drop_desired_notifications(&self, n: u32) {
+        self.hub.state().faults.drop_desired = n;
+    }
+
+    /// The next `n` desired-property notifications are delivered twice.
+    pub fn duplicate_desired_notifications(&self, n: u32) {
+        self.hub.state().faults.duplicate_desired = n;
+    }
+
+    /// The next `n` desired-property notifications are each held back and delivered just
+    /// after the notification that follows it, so the module sees versions out of order.
+    pub fn reorder_desired_notifications(&self, n: u32) {
+        self.hub.state().faults.reorder_desired = n;
+    }
+
+    /// The next `n` reported patches are applied and persisted, then the connection is
+    /// closed before their 204 leaves: the module cannot know the patch took effect.
+    pub fn drop_connection_after_reported(&self, n: u32) {
+        self.hub.state().faults.drop_after_reported = n;
+    }
+
+    /// The hub's clock runs `offset_secs` ahead of the machine's (negative: behind); SAS
+    /// tokens are judged against it, as against a hub whose clock differs from the client's.
+    pub fn set_clock_offset(&self, offset_secs: i64) {
+        self.hub.state().faults.clock_offset_secs = offset_secs;
+    }
+
+    /// Sends `module` a desired-property notification with any topic `$version` and any
+    /// payload, as a broken hub or a corrupted link might; the twin itself is unchanged.
+    /// Returns whether it was queued for a connected module.
+    pub fn send_raw_desired(
+        &self,
+        module: &ModuleKey,
+        version: Option<u64>,
+        payload: &[u8],
+    ) -> bool {
+        let topic = match version {
+            Some(v) => format!("$iothub/twin/PATCH/properties/desired/?$version={v}"),
+            None => "$iothub/twin/PATCH/properties/desired/".to_string(),
+        };
+        let st = self.hub.state();
+        self.hub
+            .push_desired(&st, module, topic, Bytes::copy_from_slice(payload))
+    }
+
+    /// Twin requests (GET or reported PATCH) received since the hub started, including
+    /// those answered 429 and those whose answer was dropped.
+    pub fn twin_requests(&self) -> u64 {
+        self.hub.state().twin_requests
+    }
+
+    /// Clears every fault (a notification held back for reordering is delivered now).
     pub fn clear(&self) {
-        self.hub.state().faults = FaultState::default();
+        let mut st = self.hub.state();
+        let held = st.faults.held_desired.take();
+        st.faults = FaultState::default();
+        if let Some((module, topic, payload)) = held {
+            self.hub.push_desired(&st, &module, topic, payload);
+        }
     }
 }

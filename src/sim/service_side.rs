@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use super::errors::HubError;
 use super::hub::{
-    generation_id, identity_etag, if_match_allows, now_ts, sas_keys, unix_now, valid_id, Hub,
+    generation_id, hub_unix_now, identity_etag, if_match_allows, now_ts, sas_keys, valid_id, Hub,
     ModuleKey, PendingMethod, Right, SimEvent, State,
 };
 use super::persist::{DeviceRecord, ModuleRecord};
@@ -59,7 +59,7 @@ impl Hub {
         let policy = st.data.policies.get(&policy_name).ok_or_else(|| {
             HubError::unauthorized(format!("no shared access policy named '{policy_name}'"))
         })?;
-        let now = unix_now();
+        let now = hub_unix_now(st.faults.clock_offset_secs);
         let mut outcome = Err(SasError::BadSignature);
         for key in [&policy.primary_key, &policy.secondary_key] {
             if let Ok(key) = SharedKey::from_base64(key) {
@@ -436,8 +436,8 @@ impl Hub {
             payload["$version"] = json!(version);
             // Notify only after the change is durable, so a client never sees a version the
             // hub could lose.
-            let st = self.state();
-            let notified = self.notify_desired(&st, &key, &payload, version);
+            let mut st = self.state();
+            let notified = self.notify_desired(&mut st, &key, &payload, version);
             drop(st);
             self.emit(SimEvent::DesiredChanged {
                 module: key,
