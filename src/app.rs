@@ -117,17 +117,26 @@ pub async fn run_with(
     // First boot: READY as soon as the local state is in force (DESIGN §3 rule 8), then
     // provision with STATUS saying so; the service credential is read only here.
     let first_boot = credentials.is_none();
+    let mut deferred_reload = None;
     let credentials = match credentials {
         Some(c) => c,
         None => {
-            notifier.ready(&format!(
+            let status = format!(
                 "provisioning {device_id}/{module_id}, {} in force",
                 twin_words(&state)
-            ));
-            match first_boot_credentials(&settings, &notifier, &shutdown)
+            );
+            notifier.ready(&status);
+            let mut waiting = Waiting {
+                notifier: &notifier,
+                reloads: &mut reloads,
+                deferred: None,
+                status,
+            };
+            let provisioned = first_boot_credentials(&settings, &mut waiting, &shutdown)
                 .instrument(span.clone())
-                .await?
-            {
+                .await?;
+            deferred_reload = waiting.deferred;
+            match provisioned {
                 Some(c) => c,
                 None => {
                     notifier.stopping();
@@ -179,6 +188,10 @@ pub async fn run_with(
         });
     }
     let (control_tx, control_rx) = mpsc::channel(4);
+    if let Some(new) = deferred_reload {
+        span.in_scope(|| reload(&settings, &new, &control_tx));
+        settings = new;
+    }
     let links = AgentLinks {
         events: link.events,
         commands: link.commands,
@@ -354,7 +367,7 @@ fn module_credentials(settings: &Settings) -> Result<Option<ModuleCredentials>, 
 /// client's request timeout and retry limits, so this loop cannot wedge unnoticed.
 async fn first_boot_credentials(
     settings: &Settings,
-    notifier: &Notifier,
+    waiting: &mut Waiting<'_>,
     shutdown: &CancellationToken,
 ) -> Result<Option<ModuleCredentials>, AppError> {
     let plan = Plan::from_settings(settings, None).map_err(|f| AppError::Config(f.message))?;
@@ -370,7 +383,7 @@ async fn first_boot_credentials(
     loop {
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
-            r = watchdog_fed(notifier, plan.run()) => r,
+            r = waiting.on(plan.run()) => r,
         };
         match attempt {
             Ok(done) => {
@@ -393,7 +406,7 @@ async fn first_boot_credentials(
                 );
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(None),
-                    _ = watchdog_fed(notifier, tokio::time::sleep(pause)) => {}
+                    _ = waiting.on(tokio::time::sleep(pause)) => {}
                 }
             }
             Err(e) => {
@@ -410,6 +423,37 @@ async fn first_boot_credentials(
     module_credentials(settings)?
         .map(Some)
         .ok_or_else(|| AppError::Internal("the provisioned module credential is missing".into()))
+}
+
+/// What goes on while provisioning besides the work itself: the watchdog is fed, and
+/// reloads (SIGHUP) are answered with READY=1 and kept, the newest winning, to be applied
+/// once the agent runs (so `handle_signals` never blocks on a full reload channel).
+struct Waiting<'a> {
+    notifier: &'a Notifier,
+    reloads: &'a mut mpsc::Receiver<Settings>,
+    deferred: Option<Settings>,
+    /// `STATUS=` while provisioning.
+    status: String,
+}
+
+impl Waiting<'_> {
+    async fn on<F: std::future::Future>(&mut self, work: F) -> F::Output {
+        let work = watchdog_fed(self.notifier, work);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                Some(new) = self.reloads.recv() => {
+                    tracing::info!(
+                        edgetwin_event = "reload_deferred",
+                        "configuration re-read while provisioning; applied once connected"
+                    );
+                    self.deferred = Some(new);
+                    self.notifier.ready(&self.status);
+                }
+            }
+        }
+    }
 }
 
 /// Awaits `work`, sending `WATCHDOG=1` on the watchdog period meanwhile (when enabled).

@@ -105,14 +105,19 @@ fn spawn_daemon(config: &Path, notify: Option<&Path>) -> (Child, tokio::task::Jo
     (child, log)
 }
 
-/// SIGTERM, then the exit code and the log.
-async fn stop(mut child: Child, log: tokio::task::JoinHandle<String>) -> (i32, String) {
+fn signal(child: &Child, name: &str) {
     let pid = child.id().expect("running");
+    // The shell's builtin, so no procps package is needed.
     let status = std::process::Command::new("sh")
-        .args(["-c", &format!("kill -TERM {pid}")])
+        .args(["-c", &format!("kill -{name} {pid}")])
         .status()
         .expect("kill runs");
     assert!(status.success());
+}
+
+/// SIGTERM, then the exit code and the log.
+async fn stop(mut child: Child, log: tokio::task::JoinHandle<String>) -> (i32, String) {
+    signal(&child, "TERM");
     let status = tokio::time::timeout(WAIT, child.wait())
         .await
         .expect("exits in time")
@@ -218,6 +223,14 @@ async fn first_boot_provisions_once_the_hub_is_reachable_then_applies_patches() 
     .expect("provisioning keeps trying while the hub is unreachable");
     notes.expect("WATCHDOG=1").await;
     assert!(!credential.exists(), "nothing written before success");
+    // Reloads while provisioning are answered (READY=1 after RELOADING=1) and never
+    // block the signal handler, however many arrive.
+    for _ in 0..3 {
+        signal(&child, "HUP");
+        notes.expect("RELOADING=1").await;
+        let ready = notes.expect("READY=1").await;
+        assert!(ready.contains("STATUS=provisioning"), "{ready}");
+    }
 
     // The hub comes up on the same ports.
     unreachable.abort();
@@ -274,6 +287,7 @@ async fn first_boot_provisions_once_the_hub_is_reachable_then_applies_patches() 
     let (code, log) = stop(child, log).await;
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("retrying"), "{log}");
+    assert!(log.contains("reload_deferred"), "{log}");
     assert!(log.contains("module identity provisioned"), "{log}");
     let service: ServiceCredentials = service_connstr.parse().unwrap();
     let module: ModuleCredentials = written.trim().parse().unwrap();
