@@ -661,3 +661,21 @@ async fn every_operation_against_the_emulator() {
     let err = client.get_device("gw1").await.unwrap_err();
     assert!(matches!(err, RegistryError::NotFound(_)), "{err:?}");
 }
+
+#[tokio::test]
+async fn retry_after_is_followed_within_the_policy_bounds() {
+    let server = ScriptedHttps::replying(vec![
+        Reply::hub_error(429, "ThrottlingException", "slow down").header("retry-after", "3600"),
+        Reply::json(200, json!({"deviceId": "d1"})),
+    ])
+    .await;
+    let (client, _) = client_of(&server, FAST);
+    let started = Instant::now();
+    client.get_device("d1").await.expect("second attempt");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "an hour's Retry-After is capped by max_delay: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.requests().len(), 2);
+}
