@@ -30,6 +30,7 @@
 //! - `EDGETWIN_BENCH_QUICK=1`: a fast smoke (small counts, short idle, one repetition);
 //! - `EDGETWIN_BENCH_REPEATS` (3): repetitions of each measurement; medians are printed;
 //! - `EDGETWIN_BENCH_PACED` (1000), `EDGETWIN_BENCH_BURST` (10000): patch counts;
+//! - `EDGETWIN_BENCH_GAP_MS` (0): pause between a paced patch's ack and the next patch;
 //! - `EDGETWIN_BENCH_CPU_SECS` (60): the idle CPU window;
 //! - `EDGETWIN_BENCH_IDLE_SECS` (60): idle period before the last RSS reading (the issue
 //!   asks for 600; the default is shorter to keep the run short);
@@ -81,6 +82,7 @@ struct Opts {
     repeats: usize,
     paced: usize,
     burst: usize,
+    gap: Duration,
     cpu_secs: u64,
     idle_secs: u64,
     python: Option<PathBuf>,
@@ -109,6 +111,7 @@ impl Opts {
             repeats: env_num("EDGETWIN_BENCH_REPEATS", q(3, 1)).max(1) as usize,
             paced: env_num("EDGETWIN_BENCH_PACED", q(1000, 50)).max(1) as usize,
             burst: env_num("EDGETWIN_BENCH_BURST", q(10_000, 300)).max(1) as usize,
+            gap: Duration::from_millis(env_num("EDGETWIN_BENCH_GAP_MS", 0)),
             cpu_secs: env_num("EDGETWIN_BENCH_CPU_SECS", q(60, 3)).max(1),
             idle_secs: env_num("EDGETWIN_BENCH_IDLE_SECS", q(60, 3)),
             python,
@@ -604,6 +607,8 @@ struct Row {
     rss_burst_kib: f64,
     rss_idle_kib: f64,
     rss_peak_kib: f64,
+    rss_anon_kib: f64,
+    rss_file_kib: f64,
     idle_cpu_pct: f64,
 }
 
@@ -614,6 +619,8 @@ impl Row {
             rss_burst_kib: f64::NAN,
             rss_idle_kib: f64::NAN,
             rss_peak_kib: f64::NAN,
+            rss_anon_kib: f64::NAN,
+            rss_file_kib: f64::NAN,
             idle_cpu_pct: f64::NAN,
             ..Row::default()
         }
@@ -687,7 +694,7 @@ fn python_startups(
     Ok(())
 }
 
-fn paced(hub: &mut Hubside, module: &str, n: usize, row: &mut Row) -> Result<()> {
+fn paced(hub: &mut Hubside, module: &str, n: usize, gap: Duration, row: &mut Row) -> Result<()> {
     let k = key(module);
     let mut lat = Vec::with_capacity(n);
     hub.rec.drain();
@@ -699,6 +706,10 @@ fn paced(hub: &mut Hubside, module: &str, n: usize, row: &mut Row) -> Result<()>
             is_ack_of(e, &k, version)
         })?;
         lat.push(t1.saturating_duration_since(t0));
+        if !gap.is_zero() {
+            thread::sleep(gap);
+            hub.rec.drain();
+        }
     }
     lat.sort();
     row.p50_ms.push(ms(percentile(&lat, 50.0)));
@@ -825,7 +836,7 @@ fn steady(
     };
     for round in 0..opts.repeats {
         eprintln!("  paced {}/{}", round + 1, opts.repeats);
-        paced(hub, module, opts.paced, row)?;
+        paced(hub, module, opts.paced, opts.gap, row)?;
     }
     for round in 0..opts.repeats {
         eprintln!("  burst {}/{}", round + 1, opts.repeats);
@@ -862,6 +873,8 @@ fn steady(
     thread::sleep(rest);
     row.rss_idle_kib = rss_kib(pid, "VmRSS:").map_or(f64::NAN, |v| v as f64);
     row.rss_peak_kib = rss_kib(pid, "VmHWM:").map_or(f64::NAN, |v| v as f64);
+    row.rss_anon_kib = rss_kib(pid, "RssAnon:").map_or(f64::NAN, |v| v as f64);
+    row.rss_file_kib = rss_kib(pid, "RssFile:").map_or(f64::NAN, |v| v as f64);
     Ok(())
 }
 
@@ -967,6 +980,8 @@ fn print_table(rust: &Row, tmpfs: &Row, py: Option<&Row>) {
         ("RSS after start", rust.rss_start_kib, pv(|r| r.rss_start_kib), "MiB"),
         ("RSS after bursts", rust.rss_burst_kib, pv(|r| r.rss_burst_kib), "MiB"),
         ("RSS after idle", rust.rss_idle_kib, pv(|r| r.rss_idle_kib), "MiB"),
+        ("  of which anonymous (heap, stacks)", rust.rss_anon_kib, pv(|r| r.rss_anon_kib), "MiB"),
+        ("  of which file-backed (code, libraries)", rust.rss_file_kib, pv(|r| r.rss_file_kib), "MiB"),
         ("peak RSS (VmHWM)", rust.rss_peak_kib, pv(|r| r.rss_peak_kib), "MiB"),
         ("idle CPU (of one core)", rust.idle_cpu_pct, pv(|r| r.idle_cpu_pct), "%"),
     ];
@@ -1039,6 +1054,12 @@ fn main() -> Result<()> {
         opts.idle_secs.max(opts.cpu_secs)
     );
     println!("load average at start: {}", load.trim());
+    if !opts.gap.is_zero() {
+        println!(
+            "paced patches {} ms apart after each ack",
+            opts.gap.as_millis()
+        );
+    }
 
     let work = Path::new(REPO).join("target/bench-twin");
     let _ = std::fs::remove_dir_all(&work);
