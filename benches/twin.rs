@@ -231,6 +231,11 @@ impl Hubside {
             .enable_all()
             .build()?;
         let mut config = SimConfig::ephemeral(state_dir);
+        if opts.python.is_none() {
+            // Only the Python SDK needs 8883; leave it to others.
+            let sim = rt.block_on(Sim::start(config.clone()))?;
+            return Hubside::ready(rt, sim, config).map(|h| (h, false));
+        }
         config.mqtt_addr = SocketAddr::from(([127, 0, 0, 1], MQTT_PORT));
         let deadline = Instant::now() + Duration::from_secs(opts.port_wait);
         let (sim, on_8883) = loop {
@@ -251,6 +256,11 @@ impl Hubside {
                 }
             }
         };
+        Hubside::ready(rt, sim, config).map(|h| (h, on_8883))
+    }
+
+    /// Registers the modules and starts recording events.
+    fn ready(rt: tokio::runtime::Runtime, sim: Sim, mut config: SimConfig) -> Result<Hubside> {
         config.mqtt_addr = sim.mqtt_addr();
         config.https_addr = sim.https_addr();
         let hub = sim.hub();
@@ -262,16 +272,13 @@ impl Hubside {
         }
         let rec = Recorder::new();
         rec.attach(hub);
-        Ok((
-            Hubside {
-                rt,
-                sim: Some(sim),
-                config,
-                rec,
-                counter: 0,
-            },
-            on_8883,
-        ))
+        Ok(Hubside {
+            rt,
+            sim: Some(sim),
+            config,
+            rec,
+            counter: 0,
+        })
     }
 
     fn hub(&self) -> &Hub {
