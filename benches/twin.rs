@@ -1012,6 +1012,7 @@ fn print_table(rust: &Row, tmpfs: &Row, py: Option<&Row>) {
             ratio
         );
     }
+    println!("(Python/edgetwin above 1: edgetwin is that many times faster or smaller)");
 }
 
 fn print_raw(name: &str, row: &Row) {
