@@ -1,7 +1,7 @@
 //! The fault suite (issue 6): the real daemon against the emulator while the hub restarts,
 //! connections drop (also between a reported patch and its 204), twin operations are
-//! throttled, responses are lost or late, desired notifications are lost, duplicated and
-//! reordered, tokens expire and the hub's clock is ±10 minutes off, the daemon is
+//! throttled or fail with 500, responses are lost or late, desired notifications are lost,
+//! duplicated and reordered, tokens expire and the hub's clock is ±10 minutes off, the daemon is
 //! SIGKILLed, and its state directory turns read-only or full.
 //!
 //! Every scenario pushes a stream of desired patches through the service side and ends
@@ -141,7 +141,7 @@ async fn s2_connections_dropped_at_random_points() {
 
 /// Scenario 3: every twin operation answered 429 for a while. The daemon backs off with
 /// jitter (its requests are counted against what the back-off policy allows) and
-/// recovers by itself once the hub accepts again.
+/// recovers by itself once the hub accepts again. Then a few operations fail with 500.
 #[tokio::test]
 async fn s3_throttling_is_backed_off_and_recovered_from() {
     let profile = Profile::from_env();
@@ -196,6 +196,18 @@ async fn s3_throttling_is_backed_off_and_recovered_from() {
         recovery <= max + Duration::from_secs(5),
         "recovered {recovery:?} after the throttle ended"
     );
+
+    // Then internal errors: the next twin operations fail with 500 and are retried on the
+    // same back-off until the hub answers again.
+    let failures = profile.pick(4, 10);
+    env.sim().faults().fail_twin_ops(failures);
+    figures.faults += 1;
+    let t = Instant::now();
+    let v = stream.send_n(&env, 5);
+    converge(&mut env, &monitor, v).await;
+    figures.recoveries.push(t.elapsed());
+    figures.note("answered_500", failures);
+    figures.patches = stream.sent;
     daemon.stop().await.expect("clean stop");
     check_invariant(&env, &monitor, &mut figures);
 }

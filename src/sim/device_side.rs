@@ -283,6 +283,11 @@ impl Hub {
         touch(&mut st, module);
         let (status, body) = if twin_throttled(&mut st) {
             (429, error_body(&HubError::throttled()))
+        } else if twin_failed(&mut st) {
+            (
+                500,
+                error_body(&HubError::server_error("internal error (fault)")),
+            )
         } else {
             match st
                 .data
@@ -328,6 +333,8 @@ impl Hub {
         touch(&mut st, module);
         let result = if twin_throttled(&mut st) {
             Err(HubError::throttled())
+        } else if twin_failed(&mut st) {
+            Err(HubError::server_error("internal error (fault)"))
         } else {
             apply_reported(&mut st, module, expected_version, payload)
         };
@@ -641,6 +648,15 @@ fn twin_throttled(st: &mut State) -> bool {
     }
     f.throttle_twin_until
         .is_some_and(|until| Instant::now() < until)
+}
+
+fn twin_failed(st: &mut State) -> bool {
+    let f = &mut st.faults;
+    if f.fail_twin_ops > 0 {
+        f.fail_twin_ops -= 1;
+        return true;
+    }
+    false
 }
 
 fn twin_delivery(st: &mut State) -> Delivery {

@@ -166,6 +166,8 @@ pub(super) struct FaultState {
     pub(super) refuse_connects: u32,
     pub(super) throttle_twin_ops: u32,
     pub(super) throttle_twin_until: Option<std::time::Instant>,
+    /// The next n twin operations fail with 500 (an internal error of the hub).
+    pub(super) fail_twin_ops: u32,
     pub(super) drop_twin_responses: u32,
     pub(super) delay_twin_responses: Option<Duration>,
     /// The next n desired notifications are lost on the way to the module.
@@ -469,6 +471,12 @@ impl Faults {
     /// The next `n` twin operations (GET or reported PATCH) are answered 429.
     pub fn throttle_twin_ops(&self, n: u32) {
         self.hub.state().faults.throttle_twin_ops = n;
+    }
+
+    /// The next `n` twin operations (GET or reported PATCH) are answered 500, as during
+    /// an internal failure of the hub; the operation does not take effect.
+    pub fn fail_twin_ops(&self, n: u32) {
+        self.hub.state().faults.fail_twin_ops = n;
     }
 
     /// Twin operations are answered 429 for `period` from now.
