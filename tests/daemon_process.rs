@@ -9,37 +9,10 @@ mod daemon_support;
 use std::path::Path;
 use std::process::Stdio;
 
+use daemon_support::notify::Notifications;
 use daemon_support::{Env, WAIT};
 use serde_json::json;
 use tokio::io::AsyncReadExt;
-use tokio::net::UnixDatagram;
-
-/// Every notification received, in order.
-struct Notifications {
-    socket: UnixDatagram,
-    seen: Vec<String>,
-}
-
-impl Notifications {
-    /// Waits for a notification containing `line` (after those already consumed).
-    async fn expect(&mut self, line: &str) -> String {
-        let socket = &self.socket;
-        let seen = &mut self.seen;
-        let found = tokio::time::timeout(WAIT, async {
-            let mut buf = vec![0u8; 4096];
-            loop {
-                let n = socket.recv(&mut buf).await.expect("recv");
-                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                seen.push(text.clone());
-                if text.lines().any(|l| l.starts_with(line)) {
-                    return text;
-                }
-            }
-        })
-        .await;
-        found.unwrap_or_else(|_| panic!("no {line} notification; got {:?}", self.seen))
-    }
-}
 
 fn signal(pid: u32, name: &str) {
     // The shell's builtin, so no procps package is needed.
@@ -62,12 +35,8 @@ async fn systemd_notifications_signals_and_clean_logs() {
     let base = std::fs::read_to_string(&config).expect("config");
     let version = env.set_desired(json!({"telemetryInterval": 40}));
 
-    let sock_dir = tempfile::tempdir().expect("tempdir");
-    let sock_path = sock_dir.path().join("notify.sock");
-    let mut notes = Notifications {
-        socket: UnixDatagram::bind(&sock_path).expect("bind"),
-        seen: Vec::new(),
-    };
+    let mut notes = Notifications::bind();
+    let sock_path = notes.path().to_path_buf();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgetwin"))
         .arg("run")
         .arg("--config")

@@ -14,42 +14,16 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use daemon_support::notify::Notifications;
 use daemon_support::{DEVICE, MODULE, WAIT};
 use edgetwin::identity::{ModuleCredentials, ServiceCredentials};
 use edgetwin::sim::service_side::TwinWrite;
 use edgetwin::sim::{Sim, SimConfig, SimEvent};
 use serde_json::json;
 use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, UnixDatagram};
+use tokio::net::TcpListener;
 use tokio::process::Child;
 use tokio::sync::broadcast;
-
-/// Every notification received, in order.
-struct Notifications {
-    socket: UnixDatagram,
-    seen: Vec<String>,
-}
-
-impl Notifications {
-    /// Waits for a notification with a line starting with `line`; returns it whole.
-    async fn expect(&mut self, line: &str) -> String {
-        let socket = &self.socket;
-        let seen = &mut self.seen;
-        let found = tokio::time::timeout(WAIT, async {
-            let mut buf = vec![0u8; 4096];
-            loop {
-                let n = socket.recv(&mut buf).await.expect("recv");
-                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                seen.push(text.clone());
-                if text.lines().any(|l| l.starts_with(line)) {
-                    return text;
-                }
-            }
-        })
-        .await;
-        found.unwrap_or_else(|_| panic!("no {line} notification; got {:?}", self.seen))
-    }
-}
 
 /// The daemon's configuration: provisioning on, the service credential in `service_file`,
 /// no module credential configured (it goes to `<state>/module.connstr`).
@@ -200,12 +174,8 @@ async fn first_boot_provisions_once_the_hub_is_reachable_then_applies_patches() 
     let config = write_config(work.path(), mqtt, &ca, &service_file);
     let credential = work.path().join("state").join("module.connstr");
 
-    let sock_dir = tempfile::tempdir().expect("tempdir");
-    let sock_path = sock_dir.path().join("notify.sock");
-    let mut notes = Notifications {
-        socket: UnixDatagram::bind(&sock_path).expect("bind"),
-        seen: Vec::new(),
-    };
+    let mut notes = Notifications::bind();
+    let sock_path = notes.path().to_path_buf();
     let (child, log) = spawn_daemon(&config, Some(&sock_path));
 
     // READY once the local state is in force, before any network I/O succeeded.

@@ -4,6 +4,8 @@
 //! never sleep to synchronise.
 #![allow(dead_code)]
 
+pub mod notify;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
