@@ -59,9 +59,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use edgetwin::sim::hub::{Hub, ModuleKey};
-use edgetwin::sim::service_side::TwinWrite;
-use edgetwin::sim::{Sim, SimConfig, SimEvent};
+use edgetwin_sim::hub::{Hub, ModuleKey};
+use edgetwin_sim::service_side::TwinWrite;
+use edgetwin_sim::{Sim, SimConfig, SimEvent};
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 

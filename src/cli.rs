@@ -1,7 +1,6 @@
 //! The command line (DESIGN §1), as clap definitions only: parsing, help text and the
 //! sysexits codes every command shares. `main` dispatches; nothing here does I/O.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -45,10 +44,6 @@ pub enum Command {
     Twin(TwinCommand),
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig(ConfigArg),
-    /// Run the local IoT Hub emulator in the foreground.
-    Sim(SimArgs),
-    /// Run the tutorial end to end on the embedded emulator, in one process.
-    Demo,
 }
 
 #[derive(Debug, Args)]
@@ -126,22 +121,6 @@ pub enum TwinCommand {
     },
 }
 
-#[derive(Debug, Args)]
-pub struct SimArgs {
-    /// MQTT over TLS listener (Microsoft's device SDK hard-codes port 8883).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8883")]
-    pub mqtt: SocketAddr,
-    /// HTTPS listener: REST API and MQTT over WebSocket.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
-    pub https: SocketAddr,
-    /// Hub host name used in SAS scopes and MQTT user names.
-    #[arg(long, value_name = "NAME", default_value = "localhost")]
-    pub hub_name: String,
-    /// State directory (registry, twins, certificates); a new temporary one by default.
-    #[arg(long, value_name = "DIR")]
-    pub state: Option<PathBuf>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,16 +129,5 @@ mod tests {
     #[test]
     fn command_line_definition_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn sim_defaults_match_the_design() {
-        let cli = Cli::try_parse_from(["edgetwin", "sim"]).unwrap();
-        let Command::Sim(args) = cli.command else {
-            panic!("not sim")
-        };
-        assert_eq!(args.mqtt.to_string(), "127.0.0.1:8883");
-        assert_eq!(args.https.to_string(), "127.0.0.1:8443");
-        assert_eq!(args.hub_name, "localhost");
     }
 }

@@ -1,13 +1,12 @@
 //! edgetwin: a module-side daemon that keeps an Azure IoT Hub module twin applied to a
-//! Linux gateway, plus the local IoT Hub emulator it is tested and demonstrated against.
+//! Linux gateway. The IoT Hub emulator it is tested and demonstrated against is the
+//! separate crate `edgetwin-sim` (`sim/`): nothing of it ships in this one.
 //!
 //! # Layout
 //! - [`identity`]: connection strings and SAS tokens (signing, parsing, verification).
 //! - [`twin`]: the pure twin-synchronisation core (no I/O, no clock): apply desired
 //!   state, version rules, acknowledgements.
 //! - [`config`]: figment layers → validated `Settings`, every problem reported at once.
-//! - [`sim`]: the IoT Hub emulator (`edgetwin sim`): MQTT and HTTPS front ends over one
-//!   in-memory hub whose registry and twins persist in a state directory.
 //! - [`store`]: atomic, durable file writes.
 //! - [`hub`]: the daemon's MQTT session to IoT Hub (one task owns the event loop).
 //! - [`systemd`]: sd_notify READY/STATUS/RELOADING/STOPPING and the progress-gated watchdog.
@@ -18,20 +17,17 @@
 //! - [`registry`]: the service REST client (registry, twins, methods).
 //! - [`provision`]: create/fetch the device and module identities, store `module.connstr`.
 //! - [`twin_cli`]: `edgetwin twin show` / `twin set` (service side, etag-guarded PATCH).
-//! - [`demo`]: the tutorial end to end on the embedded emulator.
 //! - [`cli`]: clap definitions of the command line.
 
 pub mod agent;
 pub mod app;
 pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod hub;
 pub mod identity;
 pub mod logging;
 pub mod provision;
 pub mod registry;
-pub mod sim;
 pub mod store;
 pub mod systemd;
 pub mod twin;

@@ -4,9 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use edgetwin::cli::{exit, Cli, Command, SimArgs};
+use edgetwin::cli::{exit, Cli, Command};
 use edgetwin::config::Settings;
-use edgetwin::sim::{Sim, SimConfig};
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
 
@@ -32,8 +31,6 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> u8 {
     match command {
-        Command::Sim(args) => report(sim(args).await),
-        Command::Demo => report(edgetwin::demo::run().await),
         Command::Run(_) | Command::CheckConfig(_) => exit::USAGE,
         Command::Provision(args) => {
             let config = config_path(args.config);
@@ -97,16 +94,6 @@ fn check_config(path: PathBuf) -> u8 {
     }
 }
 
-fn report(result: anyhow::Result<()>) -> u8 {
-    match result {
-        Ok(()) => exit::OK,
-        Err(e) => {
-            eprintln!("edgetwin: {e:#}");
-            exit::SOFTWARE
-        }
-    }
-}
-
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGETWIN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -114,50 +101,4 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-}
-
-/// `edgetwin sim`: runs the emulator until SIGINT or SIGTERM.
-async fn sim(args: SimArgs) -> anyhow::Result<()> {
-    let state_dir = match args.state {
-        Some(dir) => dir,
-        None => tempfile::Builder::new()
-            .prefix("edgetwin-sim-")
-            .tempdir()?
-            .keep(),
-    };
-    let sim = Sim::start(SimConfig {
-        mqtt_addr: args.mqtt,
-        https_addr: args.https,
-        hub_name: args.hub_name,
-        state_dir,
-    })
-    .await?;
-    println!("state directory: {}", sim.state_dir().display());
-    println!("CA certificate:  {}", sim.ca_path().display());
-    println!(
-        "service connection string (iothubowner): {}",
-        sim.state_dir()
-            .join(edgetwin::sim::server::SERVICE_CONNSTR_FILE)
-            .display()
-    );
-    println!(
-        "edgetwin sim ready: mqtts://{} https://{} hub {}",
-        sim.mqtt_addr(),
-        sim.https_addr(),
-        sim.hub_name()
-    );
-    wait_for_stop_signal().await?;
-    sim.shutdown().await;
-    Ok(())
-}
-
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Output;
 
 use daemon_support::{Daemon, Env, WAIT};
-use edgetwin::sim::SimEvent;
+use edgetwin_sim::SimEvent;
 use serde_json::{json, Value};
 
 // ---- row 1: desired patch not JSON, not an object, too deep, too big -------------------

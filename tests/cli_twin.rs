@@ -1,7 +1,7 @@
 //! `edgetwin twin show/set` and `edgetwin provision` as users run them: the built binary
 //! against an in-process emulator. Every run is checked for secrets on stdout/stderr.
 
-mod support;
+use edgetwin_sim::testing as support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
@@ -309,7 +309,7 @@ async fn provision_twice_writes_the_same_credential_and_prints_no_key() {
     let service_file = ts
         .sim
         .state_dir()
-        .join(edgetwin::sim::server::SERVICE_CONNSTR_FILE);
+        .join(edgetwin_sim::server::SERVICE_CONNSTR_FILE);
     std::fs::write(
         &config,
         format!(
@@ -511,7 +511,7 @@ async fn twin_takes_credential_and_ca_from_the_config() {
     let service_file =
         f.ts.sim
             .state_dir()
-            .join(edgetwin::sim::server::SERVICE_CONNSTR_FILE);
+            .join(edgetwin_sim::server::SERVICE_CONNSTR_FILE);
     std::fs::write(
         &config,
         format!(
@@ -602,7 +602,7 @@ async fn an_unreachable_hub_exits_69() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provision_against_an_unreachable_hub_exits_69_then_succeeds_once_it_is_up() {
-    use edgetwin::sim::{Sim, SimConfig};
+    use edgetwin_sim::{Sim, SimConfig};
 
     // A fresh hub's state (policy key, CA), then its ports held by the test: the REST
     // port accepts and hangs up (counted), so the hub is unreachable.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use daemon_support::{Daemon, Env};
 use edgetwin::hub::session::ConnectionState;
-use edgetwin::sim::SimEvent;
+use edgetwin_sim::SimEvent;
 use serde_json::json;
 
 #[tokio::test]

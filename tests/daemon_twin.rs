@@ -6,7 +6,7 @@
 mod daemon_support;
 
 use daemon_support::{Daemon, Env, DEVICE, MODULE};
-use edgetwin::sim::SimEvent;
+use edgetwin_sim::SimEvent;
 use serde_json::json;
 
 #[tokio::test]

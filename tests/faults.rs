@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use daemon_support::{Daemon, Env, WAIT};
 use edgetwin::app::{AppError, TWIN_TIMEOUT};
-use edgetwin::sim::SimEvent;
+use edgetwin_sim::SimEvent;
 use harness::{
     capture_logs, check_invariant, converge, logged, max_av, next_event, rng, Figures, Monitor,
     Profile, Stream,

@@ -3,7 +3,7 @@
 //! handling (404, 409, 412, 401, 429 and 5xx with bounded retries, malformed error
 //! bodies), and the whole set of operations against the emulator.
 
-mod support;
+use edgetwin_sim::testing as support;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

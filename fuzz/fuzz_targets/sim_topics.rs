@@ -2,7 +2,7 @@
 //! `$iothub` topics as the daemon parses the hub's: no panic on any text.
 #![no_main]
 
-use edgetwin::sim::topics::{parse_property_bag, parse_publish_topic};
+use edgetwin_sim::topics::{parse_property_bag, parse_publish_topic};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

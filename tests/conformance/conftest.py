@@ -1,4 +1,4 @@
-"""Fixtures for the conformance suite: a real `edgetwin sim` and clients of Microsoft's SDKs.
+"""Fixtures for the conformance suite: a real `edgetwin-sim serve` and clients of Microsoft's SDKs.
 
 One emulator serves the whole session on the ports Microsoft's device SDK hard-codes for
 MQTT (127.0.0.1:8883) and on 127.0.0.1:8443 for REST. Tests that need MQTT over WebSocket
@@ -34,7 +34,7 @@ def running_sim(state_dir: Path, mqtt: str, https: str) -> Iterator[SimProcess]:
     try:
         sim.start()
     except SimError as error:
-        failure = f"cannot start edgetwin sim on {mqtt} and {https}: {error}"
+        failure = f"cannot start edgetwin-sim on {mqtt} and {https}: {error}"
     if failure is not None:
         sim.kill()
         pytest.fail(failure, pytrace=False)
@@ -50,7 +50,7 @@ def running_sim(state_dir: Path, mqtt: str, https: str) -> Iterator[SimProcess]:
             pytest.fail(failure, pytrace=False)
         if status != 0:
             pytest.fail(
-                f"edgetwin sim exited with status {status} after SIGTERM (expected 0).\n"
+                f"edgetwin-sim exited with status {status} after SIGTERM (expected 0).\n"
                 f"{sim.diagnostics()}",
                 pytrace=False,
             )

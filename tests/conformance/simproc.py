@@ -1,4 +1,4 @@
-"""`edgetwin sim` as a child process: start it, wait until it is ready, stop it cleanly.
+"""`edgetwin-sim serve` as a child process: start it, wait until it is ready, stop it cleanly.
 
 The suite talks to the emulator only the way a user does: through the command line, the
 files it writes into its state directory, and its network listeners.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tutorial_source import REPO_ROOT
 
-READY_PREFIX = "edgetwin sim ready"
+READY_PREFIX = "edgetwin-sim ready"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
 
@@ -26,15 +26,25 @@ class SimError(Exception):
     """The emulator could not be started, did not become ready, or did not stop cleanly."""
 
 
-def edgetwin_binary() -> Path:
-    """`$EDGETWIN_BIN`, else the release build in this repository."""
-    path = Path(os.environ.get("EDGETWIN_BIN", REPO_ROOT / "target" / "release" / "edgetwin"))
+def _release_binary(env_var: str, name: str) -> Path:
+    """`$env_var`, else the release build of `name` in this repository."""
+    path = Path(os.environ.get(env_var, REPO_ROOT / "target" / "release" / name))
     if not (path.is_file() and os.access(path, os.X_OK)):
         raise SimError(
-            f"edgetwin binary not found at {path}: run `cargo build --release --locked` "
-            "or set EDGETWIN_BIN"
+            f"{name} binary not found at {path}: run `cargo build --release --locked --workspace` "
+            f"or set {env_var}"
         )
     return path
+
+
+def edgetwin_binary() -> Path:
+    """The daemon: `$EDGETWIN_BIN`, else target/release/edgetwin."""
+    return _release_binary("EDGETWIN_BIN", "edgetwin")
+
+
+def sim_binary() -> Path:
+    """The emulator: `$EDGETWIN_SIM_BIN`, else target/release/edgetwin-sim."""
+    return _release_binary("EDGETWIN_SIM_BIN", "edgetwin-sim")
 
 
 def _die_with_parent() -> None:
@@ -46,7 +56,7 @@ def _die_with_parent() -> None:
 
 @dataclass
 class SimProcess:
-    """One running `edgetwin sim`."""
+    """One running `edgetwin-sim serve`."""
 
     mqtt: str
     https: str
@@ -83,10 +93,10 @@ class SimProcess:
         return path.read_text(encoding="utf-8").strip()
 
     def start(self) -> None:
-        binary = edgetwin_binary()
+        binary = sim_binary()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         command = [
-            str(binary), "sim",
+            str(binary), "serve",
             "--mqtt", self.mqtt,
             "--https", self.https,
             "--hub-name", self.hub_name,

@@ -1,4 +1,4 @@
-"""The tutorial's three programs, as Microsoft wrote them, against `edgetwin sim`.
+"""The tutorial's three programs, as Microsoft wrote them, against `edgetwin-sim serve`.
 
 Each program is extracted from the seed document at test time and changed only on its
 `CONNECTION_STRING = "..."` line. CA trust comes from the environment, so the code is

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use edgetwin::app::{self, AppError, ReadyView, RunControl};
 use edgetwin::config::Settings;
-use edgetwin::sim::hub::ModuleKey;
-use edgetwin::sim::service_side::TwinWrite;
-use edgetwin::sim::{Sim, SimConfig, SimEvent};
+use edgetwin_sim::hub::ModuleKey;
+use edgetwin_sim::service_side::TwinWrite;
+use edgetwin_sim::{Sim, SimConfig, SimEvent};
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;

@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use edgetwin::sim::service_side::TwinWrite;
-use edgetwin::sim::SimEvent;
 use edgetwin::twin::{RuntimeState, StateFile};
+use edgetwin_sim::service_side::TwinWrite;
+use edgetwin_sim::SimEvent;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};

@@ -167,8 +167,10 @@ EXPOSURE=$(echo "$security" | sed -n 's/.*Overall exposure level for [^:]*: \([0
 ok "exposure $EXPOSURE (threshold 2.0)"
 
 say "build the .deb"
-cargo build --release --locked --quiet
+cargo build --release --locked --quiet --workspace
 cargo deb --no-build --output "$WORK/share/edgetwin.deb" >/dev/null
+# The emulator is not in the package: it reaches the container beside it, on the read-only share.
+install -m 0755 "$REPO/target/release/edgetwin-sim" "$WORK/share/edgetwin-sim"
 DEB_SIZE=$(stat -c %s "$WORK/share/edgetwin.deb")
 ok "edgetwin.deb: $DEB_SIZE bytes"
 lintian --fail-on error "$WORK/share/edgetwin.deb" 2>&1 | sed 's/^/   lintian: /' ||
@@ -256,11 +258,11 @@ in_ct systemd-analyze security --offline=true --threshold=$THRESHOLD --no-pager 
 ok "systemd-analyze security --offline=true --threshold=$THRESHOLD (2.0) inside: passes"
 
 # ---- the emulator and the configuration ------------------------------------------------
-say "edgetwin sim as a helper unit; provision; configure"
+say "edgetwin-sim as a helper unit; provision; configure"
 in_ct systemd-run --quiet --unit=edgetwin-sim --property=Type=exec \
-    /usr/bin/edgetwin sim --mqtt 127.0.0.1:8883 --https 127.0.0.1:8443 --state /var/lib/edgetwin-sim
-sim_ready() { in_ct journalctl --no-pager -u edgetwin-sim.service | grep -q "edgetwin sim ready"; }
-wait_until 20 "edgetwin sim ready" sim_ready
+    /mnt/edgetwin/edgetwin-sim serve --mqtt 127.0.0.1:8883 --https 127.0.0.1:8443 --state /var/lib/edgetwin-sim
+sim_ready() { in_ct journalctl --no-pager -u edgetwin-sim.service | grep -q "edgetwin-sim ready"; }
+wait_until 20 "edgetwin-sim ready" sim_ready
 in_ct sh -euc '
     cat > /root/service.toml <<EOF
 [hub]

@@ -136,8 +136,7 @@ impl ScriptedHttps {
     /// Serves HTTPS, answering every request with `script(request)`.
     pub async fn start(script: impl FnMut(&Recorded) -> Reply + Send + 'static) -> ScriptedHttps {
         let dir = tempfile::tempdir().expect("tempdir");
-        let tls =
-            edgetwin::sim::tls::load_or_create(dir.path(), "localhost").expect("certificates");
+        let tls = crate::tls::load_or_create(dir.path(), "localhost").expect("certificates");
         let acceptor = TlsAcceptor::from(tls.server_config);
         let inner = Arc::new(Inner {
             script: Mutex::new(Box::new(script)),
@@ -193,7 +192,7 @@ impl ScriptedHttps {
 
     /// The PEM file of the CA that signed the server's certificate.
     pub fn ca_path(&self) -> PathBuf {
-        self.dir.path().join(edgetwin::sim::tls::CA_FILE)
+        self.dir.path().join(crate::tls::CA_FILE)
     }
 
     pub fn ca_pem(&self) -> Vec<u8> {

@@ -16,7 +16,7 @@ use super::hub::{
     Refused, Right, SimEvent, State, Telemetry, DESIRED_FILTER, MAX_SUBSCRIPTIONS, METHODS_FILTER,
     OUTBOUND_CAPACITY, TELEMETRY_KEEP,
 };
-use crate::identity::{SasError, SasToken, SharedKey};
+use edgetwin::identity::{SasError, SasToken, SharedKey};
 
 /// Largest device-to-cloud message the hub accepts (PROTOCOL §3.6).
 pub const MAX_TELEMETRY_BYTES: usize = 256 * 1024;

@@ -2,15 +2,15 @@
 //! rumqttc over TLS for ordinary traffic, a raw TLS socket for what rumqttc cannot send.
 //! No fixed ports; no sleeps as synchronisation — tests await hub events or packets.
 
-mod support;
+use edgetwin_sim::testing as support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use edgetwin::identity::{ModuleCredentials, SharedKey};
-use edgetwin::sim::service_side::TwinWrite;
-use edgetwin::sim::{Sim, SimEvent};
+use edgetwin_sim::service_side::TwinWrite;
+use edgetwin_sim::{Sim, SimEvent};
 use rumqttc::mqttbytes::v4::{read, Connect, Login, Packet as RawPacket, PingReq, Publish};
 use rumqttc::mqttbytes::{Protocol, QoS as RawQoS};
 use rumqttc::{ConnectReturnCode, ConnectionError, LastWill, Packet, QoS, SubscribeReasonCode};

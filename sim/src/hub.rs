@@ -24,7 +24,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use super::errors::HubError;
 use super::persist::{self, PersistedHub};
 use super::twin_doc::timestamp;
-use crate::identity::SharedKey;
+use edgetwin::identity::SharedKey;
 
 /// Depth of each connection's outbound queue; beyond it the client is too slow and is cut.
 pub const OUTBOUND_CAPACITY: usize = 1024;

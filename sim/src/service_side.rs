@@ -15,7 +15,7 @@ use super::hub::{
 };
 use super::persist::{DeviceRecord, ModuleRecord};
 use super::twin_doc::{check_patch, ModuleTwin};
-use crate::identity::{SasError, SasToken, SharedKey};
+use edgetwin::identity::{SasError, SasToken, SharedKey};
 
 /// Modules per device, as documented for IoT Hub.
 pub const MAX_MODULES_PER_DEVICE: usize = 20;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::hub::Right;
 use super::twin_doc::ModuleTwin;
-use crate::identity::SharedKey;
+use edgetwin::identity::SharedKey;
 
 pub const FILE_NAME: &str = "hub.json";
 const SCHEMA: u32 = 1;
@@ -136,7 +136,7 @@ pub fn encode(hub: &PersistedHub) -> Vec<u8> {
 
 /// Durably replaces `hub.json` in `dir` with an encoded snapshot.
 pub fn write(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    crate::store::write_atomic(&dir.join(FILE_NAME), bytes, 0o600)
+    edgetwin::store::write_atomic(&dir.join(FILE_NAME), bytes, 0o600)
 }
 
 pub fn save(dir: &Path, hub: &PersistedHub) -> anyhow::Result<()> {

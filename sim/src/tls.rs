@@ -77,7 +77,7 @@ fn create(dir: &Path, hub_name: &str) -> anyhow::Result<()> {
     let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key)?;
 
     let write = |name: &str, text: &str, mode: u32| {
-        crate::store::write_atomic(&dir.join(name), text.as_bytes(), mode)
+        edgetwin::store::write_atomic(&dir.join(name), text.as_bytes(), mode)
             .with_context(|| format!("writing {}", dir.join(name).display()))
     };
     write(CA_KEY_FILE, &ca_key.serialize_pem(), 0o600)?;

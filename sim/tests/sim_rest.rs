@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use edgetwin::identity::{ServiceCredentials, SharedKey};
-use edgetwin::sim::{Sim, SimConfig};
+use edgetwin_sim::{Sim, SimConfig};
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -1037,8 +1037,8 @@ async fn connect_ws(env: &Env) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
 
 /// Waits (bounded by [`HANG`]) for a hub event matching `pred`.
 async fn wait_for(
-    rx: &mut tokio::sync::broadcast::Receiver<edgetwin::sim::SimEvent>,
-    pred: impl Fn(&edgetwin::sim::SimEvent) -> bool,
+    rx: &mut tokio::sync::broadcast::Receiver<edgetwin_sim::SimEvent>,
+    pred: impl Fn(&edgetwin_sim::SimEvent) -> bool,
 ) {
     let found = async {
         loop {
@@ -1056,7 +1056,7 @@ async fn wait_for(
 /// then disconnects cleanly. Needs the real MQTT server.
 #[tokio::test]
 async fn mqtt_over_websocket_serves_a_module() {
-    use edgetwin::sim::SimEvent;
+    use edgetwin_sim::SimEvent;
     use rumqttc::{Event, Outgoing, Packet, QoS};
 
     let env = env_with_module().await;

@@ -1,5 +1,7 @@
-//! The IoT Hub emulator behind `edgetwin sim`, also used as a library by the tests, the
-//! demo and the benchmarks.
+//! edgetwin-sim: a local Azure IoT Hub emulator that Microsoft's SDKs accept unchanged
+//! (apart from the connection string and trusting its CA). The binary `edgetwin-sim`
+//! serves it (`serve`) and runs the tutorial end to end against it (`demo`); the daemon's
+//! integration tests and benchmarks use it as a library.
 //!
 //! Layout:
 //! - [`hub`]: the hub itself — registry, module twins, service policies, connected
@@ -15,9 +17,13 @@
 //! - [`mqtt`]: MQTT 3.1.1 server (TLS and WebSocket transports) for module clients.
 //! - [`rest`]: HTTPS service REST API and the WebSocket upgrade endpoint.
 //! - [`server`]: [`Sim`], which binds the listeners and owns their tasks.
+//! - [`demo`]: the tutorial end to end: emulator, registry REST and the real daemon.
+//! - [`testing`]: helpers for tests against the emulator (an MQTT test client, event
+//!   waits with a timeout instead of sleeps, a scripted HTTPS server).
 //!
 //! The emulator never talks to anything but its own listeners and its state directory.
 
+pub mod demo;
 pub mod device_side;
 pub mod errors;
 pub mod hub;
@@ -26,6 +32,7 @@ pub mod persist;
 pub mod rest;
 pub mod server;
 pub mod service_side;
+pub mod testing;
 pub mod tls;
 pub mod topics;
 pub mod twin_doc;

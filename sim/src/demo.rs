@@ -1,4 +1,4 @@
-//! `edgetwin demo`: Microsoft's module-twin tutorial end to end, in one process, on the
+//! `edgetwin-sim demo`: Microsoft's module-twin tutorial end to end, in one process, on the
 //! embedded emulator — create the device and module over the registry REST API, start the
 //! daemon (`app::run_with`, the same path as `edgetwin run`) on a temporary state
 //! directory, change `telemetryInterval` from the service side with the twin's etag, and
@@ -14,13 +14,13 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{self, RunControl};
-use crate::config::Settings;
-use crate::identity::ServiceCredentials;
-use crate::registry::{RegistryClient, RegistryError};
-use crate::sim::hub::ModuleKey;
-use crate::sim::{Sim, SimConfig, SimEvent};
-use crate::twin::RuntimeState;
+use crate::hub::ModuleKey;
+use crate::{Sim, SimConfig, SimEvent};
+use edgetwin::app::{self, RunControl};
+use edgetwin::config::Settings;
+use edgetwin::identity::ServiceCredentials;
+use edgetwin::registry::{RegistryClient, RegistryError};
+use edgetwin::twin::RuntimeState;
 
 const DEVICE: &str = "myFirstDevice";
 const MODULE: &str = "myFirstModule";
@@ -144,7 +144,7 @@ pub async fn run() -> anyhow::Result<()> {
 /// 0600 file, the emulator as gateway, its CA trusted.
 fn daemon_settings(dir: &Path, sim: &Sim, module_connstr: &str) -> anyhow::Result<Settings> {
     let credential = dir.join("module.connstr");
-    crate::store::write_atomic(&credential, module_connstr.as_bytes(), 0o600)?;
+    edgetwin::store::write_atomic(&credential, module_connstr.as_bytes(), 0o600)?;
     let state = dir.join("state");
     std::fs::create_dir_all(&state)?;
     let config = dir.join("edgetwin.toml");

@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::packet_io::PacketIo;
-use crate::sim::hub::{Accepted, Hub, SimEvent};
-use crate::sim::topics::{parse_publish_topic, ClientTopic};
+use crate::hub::{Accepted, Hub, SimEvent};
+use crate::topics::{parse_publish_topic, ClientTopic};
 
 /// Checks the CONNECT, asks the hub, and answers CONNACK. `None` when refused (the
 /// connection is then closed).

@@ -1,5 +1,5 @@
 //! [`Sim`]: a running emulator — the hub, its MQTT/TLS listener and its HTTPS listener
-//! (REST and MQTT over WebSocket) — as started by `edgetwin sim`, the demo and the tests.
+//! (REST and MQTT over WebSocket) — as started by `edgetwin-sim serve`, the demo and the tests.
 //! Owns the listener tasks and stops them on shutdown; can restart on the same ports with
 //! the state kept, which is how tests simulate a hub restart.
 
@@ -77,7 +77,7 @@ impl Sim {
             .policy_connection_string("iothubowner", &authority)
             .context("the iothubowner policy is missing from the state")?;
         let write = |path: &Path, text: &str| {
-            crate::store::write_atomic(path, text.as_bytes(), 0o600)
+            edgetwin::store::write_atomic(path, text.as_bytes(), 0o600)
                 .with_context(|| format!("writing {}", path.display()))
         };
         write(&config.state_dir.join(SERVICE_CONNSTR_FILE), &owner)?;

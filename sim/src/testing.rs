@@ -8,9 +8,9 @@ pub mod scripted_https;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::hub::ModuleKey;
+use crate::{Hub, Sim, SimConfig, SimEvent};
 use edgetwin::identity::ModuleCredentials;
-use edgetwin::sim::hub::ModuleKey;
-use edgetwin::sim::{Hub, Sim, SimConfig, SimEvent};
 use rumqttc::tokio_rustls::rustls;
 use rumqttc::{
     AsyncClient, ConnAck, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS,

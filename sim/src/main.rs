@@ -1,0 +1,141 @@
+//! `edgetwin-sim`: the IoT Hub emulator in the foreground (`serve`), or Microsoft's
+//! module-twin tutorial end to end on it (`demo`). Parses the command line, prints where
+//! things are and maps the outcome to an exit code; the work lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use edgetwin_sim::{Sim, SimConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "edgetwin-sim",
+    version,
+    about = "A local Azure IoT Hub emulator (MQTT over TLS and WebSocket, registry and twin REST) \
+that Microsoft's SDKs accept, and the edgetwin tutorial demo"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the emulator in the foreground until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+    /// Run the module-twin tutorial end to end on the emulator, in one process.
+    Demo,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// MQTT over TLS listener (Microsoft's device SDK hard-codes port 8883).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8883")]
+    mqtt: SocketAddr,
+    /// HTTPS listener: REST API and MQTT over WebSocket.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
+    https: SocketAddr,
+    /// Hub host name used in SAS scopes and MQTT user names.
+    #[arg(long, value_name = "NAME", default_value = "localhost")]
+    hub_name: String,
+    /// State directory (registry, twins, certificates); a new temporary one by default.
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGETWIN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edgetwin-sim: cannot start the async runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Demo => runtime.block_on(edgetwin_sim::demo::run()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgetwin-sim: {e:#}");
+            ExitCode::from(70)
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let state_dir = match args.state {
+        Some(dir) => dir,
+        None => tempfile::Builder::new()
+            .prefix("edgetwin-sim-")
+            .tempdir()?
+            .keep(),
+    };
+    let sim = Sim::start(SimConfig {
+        mqtt_addr: args.mqtt,
+        https_addr: args.https,
+        hub_name: args.hub_name,
+        state_dir,
+    })
+    .await?;
+    println!("state directory: {}", sim.state_dir().display());
+    println!("CA certificate:  {}", sim.ca_path().display());
+    println!(
+        "service connection string (iothubowner): {}",
+        sim.state_dir()
+            .join(edgetwin_sim::server::SERVICE_CONNSTR_FILE)
+            .display()
+    );
+    println!(
+        "edgetwin-sim ready: mqtts://{} https://{} hub {}",
+        sim.mqtt_addr(),
+        sim.https_addr(),
+        sim.hub_name()
+    );
+    wait_for_stop_signal().await?;
+    sim.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_defaults_match_the_design() {
+        let cli = Cli::try_parse_from(["edgetwin-sim", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.mqtt.to_string(), "127.0.0.1:8883");
+        assert_eq!(args.https.to_string(), "127.0.0.1:8443");
+        assert_eq!(args.hub_name, "localhost");
+    }
+}
