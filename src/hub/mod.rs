@@ -1,7 +1,10 @@
 //! The daemon's MQTT session to IoT Hub as a module identity.
 //!
-//! - [`session`]: the task that owns the rumqttc event loop; [`session::HubEvent`] out,
-//!   [`session::HubCommand`] in, connection state on a `watch`.
+//! - [`session`]: the task that owns the rumqttc event loop and drives [`connection`];
+//!   [`session::HubEvent`] out, [`session::HubCommand`] in, connection state on a `watch`.
+//! - [`connection`]: the connection as a pure state machine with an injected clock:
+//!   connect, SAS renewal at 80 % of the token's life, backoff, refused credentials,
+//!   graceful stop; it hands the session the actions to carry out.
 //! - [`options`]: CONNECT identity, target, TLS/WebSocket transport and proxy.
 //! - [`topics`]: `$iothub` topics formatted and parsed.
 //! - [`twin_requests`]: `$rid` correlation, timeouts and retries of twin requests.
@@ -9,6 +12,7 @@
 //! - [`tls`]: trust anchors for the hub's certificate (system roots plus `ca_file`).
 
 pub mod backoff;
+pub mod connection;
 pub mod options;
 pub mod session;
 pub mod tls;
