@@ -1,8 +1,9 @@
 //! The MQTT session to IoT Hub as a module: the one task that owns the rumqttc
 //! [`rumqttc::EventLoop`] (DESIGN §2).
 //!
-//! It connects (TLS or WebSocket), subscribes on every CONNACK 0, renews the SAS token by
-//! a planned reconnect at 80 % of its lifetime, backs off with jitter between attempts,
+//! It polls the event loop and drives the [`Connection`] state machine (connect,
+//! subscribe on every CONNACK 0, renew the SAS token by a planned reconnect, back off,
+//! give up on refused credentials, stop), carrying out the actions it returns; it
 //! correlates twin requests by `$rid` (retrying 429/5xx), and turns `$iothub` traffic into
 //! [`HubEvent`]s for the agent. The agent talks back with [`HubCommand`]s; the connection
 //! state is published on a `watch`. It must never await anything slow: events go out with
@@ -10,51 +11,25 @@
 //! publishes with `try_publish` — awaiting a publish on the task that polls the event
 //! loop deadlocks rumqttc. The poll future is never cancelled mid-flight.
 
-use std::time::Duration;
+use std::ops::ControlFlow;
 
 use bytes::Bytes;
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, Outgoing, Packet, QoS, SubscribeFilter,
-};
+use rumqttc::{AsyncClient, ConnectionError, Event, Outgoing, Packet, QoS, SubscribeFilter};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::backoff::Backoff;
+use super::connection::{Action, Connection, Failure};
+pub use super::connection::{ConnectionState, SessionError, AUTH_FAILURES_AT_START};
 use super::options::{credentials, mqtt_options};
 pub use super::options::{HttpProxy, HubTransport, SessionConfig};
 use super::topics::{self, HubTopic};
 use super::twin_requests::{Finished, TwinFailure, TwinOp, TwinReply, TwinRequests};
 use crate::systemd::{Heartbeat, BEAT_EVERY};
 
-/// Refusals (CONNACK 4/5) in a row, before any success, after which the credentials are
-/// taken to be wrong and the daemon stops (exit 77) instead of retrying forever.
-pub const AUTH_FAILURES_AT_START: u32 = 3;
 const EVENT_CAPACITY: usize = 256;
 const COMMAND_CAPACITY: usize = 64;
-/// How long a graceful stop waits for the DISCONNECT to go out.
-const STOP_GRACE: Duration = Duration::from_secs(2);
-
-/// Connection state, published through `watch`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnectionState {
-    Disconnected,
-    Connecting,
-    Connected,
-    Backoff { until: Instant },
-}
-
-impl ConnectionState {
-    pub fn describe(&self) -> &'static str {
-        match self {
-            ConnectionState::Disconnected => "disconnected",
-            ConnectionState::Connecting => "connecting",
-            ConnectionState::Connected => "connected",
-            ConnectionState::Backoff { .. } => "waiting to reconnect",
-        }
-    }
-}
 
 /// What the session tells the agent, in the order it happened.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,13 +71,6 @@ pub enum HubCommand {
         payload: Vec<u8>,
     },
     Telemetry(Vec<u8>),
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    /// The hub refused the credentials every time since start: exit 77.
-    #[error("IoT Hub refused the module credentials (CONNACK {code}) {attempts} times in a row")]
-    Unauthorized { code: String, attempts: u32 },
 }
 
 /// The agent's ends of the session's channels.
@@ -160,156 +128,118 @@ impl Session {
             events,
             state,
             requests: TwinRequests::new(config.twin_timeout, config.backoff),
-            connected: false,
+            connection: Connection::new(config.sas_ttl, config.backoff),
+            credentials_due: false,
             resync_pending: false,
             telemetry_topic: topics::telemetry(
                 &config.credentials.device_id,
                 &config.credentials.module_id,
             ),
         };
-        let mut backoff = Backoff::new(config.backoff);
-        let mut ever_connected = false;
-        let mut refusals = 0u32;
-        let mut renew_at: Option<Instant> = None;
-        let mut renewing = false;
-        let mut stop_by: Option<Instant> = None;
         let mut beat = tokio::time::interval(BEAT_EVERY);
+        let start = core.connection.start();
+        if let ControlFlow::Break(result) = core.step(start, None) {
+            return result;
+        }
 
         loop {
-            if !core.connected {
+            if std::mem::take(&mut core.credentials_due) {
                 let (user, password) = credentials(&config);
                 eventloop.mqtt_options.set_credentials(user, password);
-                core.set_state(ConnectionState::Connecting);
+            }
+            if !core.connection.polls() {
+                // Backing off: no attempt until the deadline, but commands are answered.
+                let flow = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        let actions = core.connection.shutdown(Instant::now());
+                        core.step(actions, None)
+                    }
+                    _ = sleep_until(core.connection.next_wakeup()) => {
+                        let actions = core.connection.timer(Instant::now());
+                        core.step(actions, None)
+                    }
+                    Some(command) = commands.recv() => {
+                        core.command(command);
+                        ControlFlow::Continue(())
+                    }
+                    _ = beat.tick() => {
+                        heartbeat.beat();
+                        core.flush_resync();
+                        ControlFlow::Continue(())
+                    }
+                };
+                if let ControlFlow::Break(result) = flow {
+                    return result;
+                }
+                continue;
             }
             let event = {
                 let poll = eventloop.poll();
                 tokio::pin!(poll);
                 loop {
-                    let wakeup = [core.requests.next_wakeup(), renew_at, stop_by]
+                    let wakeup = [core.requests.next_wakeup(), core.connection.next_wakeup()]
                         .into_iter()
                         .flatten()
                         .min();
-                    tokio::select! {
+                    let flow = tokio::select! {
                         biased;
-                        _ = shutdown.cancelled(), if stop_by.is_none() => {
-                            if !core.connected {
-                                core.set_state(ConnectionState::Disconnected);
-                                return Ok(());
-                            }
-                            let _ = core.client.try_disconnect();
-                            stop_by = Some(Instant::now() + STOP_GRACE);
+                        _ = shutdown.cancelled(), if !core.connection.is_stopping() => {
+                            let actions = core.connection.shutdown(Instant::now());
+                            core.step(actions, None)
                         }
                         event = &mut poll => break event,
-                        Some(command) = commands.recv() => core.command(command),
+                        Some(command) = commands.recv() => {
+                            core.command(command);
+                            ControlFlow::Continue(())
+                        }
                         _ = sleep_until(wakeup) => {
                             let now = Instant::now();
-                            if stop_by.is_some_and(|t| t <= now) {
-                                core.set_state(ConnectionState::Disconnected);
-                                return Ok(());
+                            let actions = core.connection.timer(now);
+                            let flow = core.step(actions, None);
+                            if flow.is_continue() {
+                                core.resend_due(now);
                             }
-                            if renew_at.is_some_and(|t| t <= now) && core.connected {
-                                tracing::info!(edgetwin_event = "sas_renewal", "renewing the SAS token by reconnecting");
-                                renew_at = None;
-                                renewing = true;
-                                let _ = core.client.try_disconnect();
-                            }
-                            core.resend_due(now);
+                            flow
                         }
                         _ = beat.tick() => {
                             heartbeat.beat();
                             core.flush_resync();
+                            ControlFlow::Continue(())
                         }
+                    };
+                    // Returning drops the poll future: only ever at the end of the session.
+                    if let ControlFlow::Break(result) = flow {
+                        return result;
                     }
                 }
             };
             heartbeat.beat();
-            match event {
+            let now = Instant::now();
+            let flow = match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    ever_connected = true;
-                    refusals = 0;
-                    backoff.reset();
-                    core.connected = true;
-                    renew_at = Some(Instant::now() + config.sas_ttl.mul_f64(0.8));
-                    let filters = topics::SUBSCRIPTIONS
-                        .iter()
-                        .map(|f| SubscribeFilter::new((*f).to_owned(), QoS::AtLeastOnce));
-                    if let Err(e) = core.client.try_subscribe_many(filters) {
-                        tracing::warn!(error = %e, "could not queue the subscriptions");
-                    }
-                    tracing::info!(
-                        edgetwin_event = "connected",
-                        session_present = ack.session_present,
-                        "connected to IoT Hub"
-                    );
-                    core.set_state(ConnectionState::Connected);
-                    core.emit(HubEvent::Connected {
-                        session_present: ack.session_present,
-                    });
+                    let actions = core.connection.connack(ack.session_present, now);
+                    core.step(actions, None)
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => core.incoming(&p.topic, p.payload),
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    core.incoming(&p.topic, p.payload);
+                    ControlFlow::Continue(())
+                }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                     // Our own DISCONNECT went out: drop the socket now rather than waiting
                     // for the hub to close it.
                     eventloop.clean();
-                    core.lost("disconnect requested");
-                    if stop_by.is_some() {
-                        core.set_state(ConnectionState::Disconnected);
-                        return Ok(());
-                    }
-                    renewing = false;
+                    let actions = core.connection.disconnect_sent();
+                    core.step(actions, None)
                 }
-                Ok(_) => {}
+                Ok(_) => ControlFlow::Continue(()),
                 Err(error) => {
-                    if stop_by.is_some() {
-                        core.set_state(ConnectionState::Disconnected);
-                        return Ok(());
-                    }
-                    let was_connected = core.connected;
-                    core.lost("connection error");
-                    renew_at = None;
-                    if renewing {
-                        renewing = false;
-                        continue;
-                    }
-                    if let Some(code) = refused_credentials(&error) {
-                        refusals += 1;
-                        tracing::error!(
-                            edgetwin_event = "auth_refused",
-                            code = ?code,
-                            attempts = refusals,
-                            "IoT Hub refused the connection (not authorized): check the module credentials and the clock"
-                        );
-                        if !ever_connected && refusals >= AUTH_FAILURES_AT_START {
-                            return Err(SessionError::Unauthorized {
-                                code: format!("{code:?}"),
-                                attempts: refusals,
-                            });
-                        }
-                    } else {
-                        tracing::warn!(
-                            edgetwin_event = if was_connected { "disconnected" } else { "connect_failed" },
-                            error = %error,
-                            "IoT Hub connection failed"
-                        );
-                    }
-                    let until = Instant::now() + backoff.next_delay();
-                    core.set_state(ConnectionState::Backoff { until });
-                    loop {
-                        tokio::select! {
-                            biased;
-                            _ = shutdown.cancelled() => {
-                                core.set_state(ConnectionState::Disconnected);
-                                return Ok(());
-                            }
-                            _ = tokio::time::sleep_until(until) => break,
-                            Some(command) = commands.recv() => core.command(command),
-                            _ = beat.tick() => {
-                                heartbeat.beat();
-                                core.flush_resync();
-                            }
-                        }
-                    }
+                    let actions = core.connection.failed(Failure::of(&error), now);
+                    core.step(actions, Some(&error))
                 }
+            };
+            if let ControlFlow::Break(result) = flow {
+                return result;
             }
         }
     }
@@ -321,12 +251,100 @@ struct Core {
     events: mpsc::Sender<HubEvent>,
     state: watch::Sender<ConnectionState>,
     requests: TwinRequests,
-    connected: bool,
+    connection: Connection,
+    /// The machine asked for a connect: sign a fresh token before the next poll.
+    credentials_due: bool,
     resync_pending: bool,
     telemetry_topic: String,
 }
 
 impl Core {
+    /// Carries out what the connection machine asked for after an input, publishes its
+    /// new state, and logs each transition once. `error` is what ended the connection.
+    fn step(
+        &mut self,
+        actions: Vec<Action>,
+        error: Option<&ConnectionError>,
+    ) -> ControlFlow<Result<(), SessionError>> {
+        self.set_state(self.connection.state());
+        for action in actions {
+            match action {
+                Action::Connect => self.credentials_due = true,
+                Action::Connected { session_present } => {
+                    let filters = topics::SUBSCRIPTIONS
+                        .iter()
+                        .map(|f| SubscribeFilter::new((*f).to_owned(), QoS::AtLeastOnce));
+                    if let Err(e) = self.client.try_subscribe_many(filters) {
+                        tracing::warn!(error = %e, "could not queue the subscriptions");
+                    }
+                    tracing::info!(
+                        edgetwin_event = "connected",
+                        session_present,
+                        "connected to IoT Hub"
+                    );
+                    self.emit(HubEvent::Connected { session_present });
+                }
+                Action::Renew => {
+                    tracing::info!(
+                        edgetwin_event = "sas_renewal",
+                        "renewing the SAS token by reconnecting"
+                    );
+                    self.disconnect();
+                }
+                Action::Disconnect => self.disconnect(),
+                Action::Lost { planned } => self.lost(planned, error),
+                Action::ConnectFailed => tracing::warn!(
+                    edgetwin_event = "connect_failed",
+                    error = error.map(tracing::field::display),
+                    "IoT Hub connection failed"
+                ),
+                Action::Refused { code, attempts } => tracing::error!(
+                    edgetwin_event = "auth_refused",
+                    code = ?code,
+                    attempts,
+                    "IoT Hub refused the connection (not authorized): check the module credentials and the clock"
+                ),
+                Action::Backoff { until } => tracing::debug!(
+                    retry_in_ms =
+                        until.saturating_duration_since(Instant::now()).as_millis() as u64,
+                    "waiting before the next connect attempt"
+                ),
+                Action::Stop(result) => return ControlFlow::Break(result),
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn disconnect(&self) {
+        if let Err(e) = self.client.try_disconnect() {
+            tracing::warn!(error = %e, "could not queue the DISCONNECT");
+        }
+    }
+
+    /// The connection is gone (an error, or our own DISCONNECT).
+    fn lost(&mut self, planned: bool, error: Option<&ConnectionError>) {
+        let error = error.map(tracing::field::display);
+        if planned {
+            tracing::info!(
+                edgetwin_event = "disconnected",
+                reason = "disconnect requested",
+                error,
+                "disconnected from IoT Hub"
+            );
+        } else {
+            tracing::warn!(
+                edgetwin_event = "disconnected",
+                reason = "connection error",
+                error,
+                "disconnected from IoT Hub"
+            );
+        }
+        for done in self.requests.fail_all() {
+            self.finished(done);
+        }
+        self.emit(HubEvent::Disconnected);
+    }
+
     fn set_state(&self, new: ConnectionState) {
         self.state.send_if_modified(|s| {
             let changed = *s != new;
@@ -375,12 +393,12 @@ impl Core {
     fn command(&mut self, command: HubCommand) {
         let now = Instant::now();
         match command {
-            HubCommand::GetTwin if self.connected => {
+            HubCommand::GetTwin if self.connection.is_connected() => {
                 let p = self.requests.start(TwinOp::Get, now);
                 self.publish(p.topic, p.payload);
             }
             HubCommand::GetTwin => self.emit(HubEvent::Twin(Err(TwinFailure::Lost))),
-            HubCommand::Report(patch) if self.connected => {
+            HubCommand::Report(patch) if self.connection.is_connected() => {
                 let p = self.requests.start(TwinOp::Report(patch), now);
                 self.publish(p.topic, p.payload);
             }
@@ -393,12 +411,12 @@ impl Core {
                 status,
                 payload,
             } => {
-                if self.connected {
+                if self.connection.is_connected() {
                     self.publish(topics::method_response(status, &rid), payload);
                 }
             }
             HubCommand::Telemetry(payload) => {
-                if self.connected {
+                if self.connection.is_connected() {
                     self.publish(self.telemetry_topic.clone(), payload);
                 } else {
                     tracing::debug!("telemetry skipped while disconnected");
@@ -457,24 +475,6 @@ impl Core {
         };
         self.emit(event);
     }
-
-    /// The connection is gone (error, or our own DISCONNECT).
-    fn lost(&mut self, why: &'static str) {
-        if !self.connected {
-            return;
-        }
-        self.connected = false;
-        tracing::info!(
-            edgetwin_event = "disconnected",
-            reason = why,
-            "disconnected from IoT Hub"
-        );
-        for done in self.requests.fail_all() {
-            self.finished(done);
-        }
-        self.set_state(ConnectionState::Disconnected);
-        self.emit(HubEvent::Disconnected);
-    }
 }
 
 fn event_kind(event: &HubEvent) -> &'static str {
@@ -493,14 +493,5 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-fn refused_credentials(error: &ConnectionError) -> Option<ConnectReturnCode> {
-    match error {
-        ConnectionError::ConnectionRefused(
-            code @ (ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword),
-        ) => Some(*code),
-        _ => None,
     }
 }
