@@ -1,9 +1,24 @@
-//! The command line (DESIGN §1), as clap definitions only: parsing, help text and the
-//! sysexits codes every command shares. `main` dispatches; nothing here does I/O.
+//! The command line (DESIGN §1): the clap definitions, the sysexits codes every command
+//! shares, and the commands themselves. This is the only code that prints or maps errors
+//! to exit codes; the library below it returns typed errors. `main` parses, sets up
+//! logging and dispatches here.
+//!
+//! - [`run`]: `edgetwin run` (the daemon: signals, the final error, its exit code) and
+//!   `edgetwin check-config`.
+//! - [`provision`]: `edgetwin provision`.
+//! - [`twin`]: `edgetwin twin show` / `twin set` (service side, etag-guarded PATCH).
 
-use std::path::PathBuf;
+pub mod provision;
+pub mod run;
+pub mod twin;
+
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::app::AppError;
+use crate::provision::ProvisionError;
+use crate::registry::{ClientSetupError, RegistryError};
 
 /// Exit codes (sysexits.h), shared by every command.
 pub mod exit {
@@ -14,6 +29,105 @@ pub mod exit {
     pub const SOFTWARE: u8 = 70;
     pub const NOPERM: u8 = 77;
     pub const CONFIG: u8 = 78;
+}
+
+/// A command failed: what to tell the user, and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<RegistryError> for Failure {
+    fn from(e: RegistryError) -> Self {
+        Failure::new(registry_exit_code(&e), e.to_string())
+    }
+}
+
+impl From<ProvisionError> for Failure {
+    fn from(e: ProvisionError) -> Self {
+        Failure::new(provision_exit_code(&e), e.to_string())
+    }
+}
+
+impl From<ClientSetupError> for Failure {
+    fn from(e: ClientSetupError) -> Self {
+        let code = match &e {
+            ClientSetupError::Client(e) => registry_exit_code(e),
+            ClientSetupError::ConnectionString(_) | ClientSetupError::CaFile { .. } => exit::CONFIG,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+/// The sysexits code for a registry error.
+pub fn registry_exit_code(e: &RegistryError) -> u8 {
+    match e {
+        RegistryError::Unauthorized(_) => exit::NOPERM,
+        RegistryError::NotFound(_) | RegistryError::Invalid(_) => exit::DATA,
+        RegistryError::Conflict(_) => exit::DATA,
+        // The twin kept changing under us (after one retry): trying later may work.
+        RegistryError::PreconditionFailed(_)
+        | RegistryError::Throttled(_)
+        | RegistryError::Transient(_) => exit::UNAVAILABLE,
+    }
+}
+
+/// The sysexits code for a provisioning error (`edgetwin provision`, and the daemon when
+/// its first boot fails for good).
+pub fn provision_exit_code(e: &ProvisionError) -> u8 {
+    match e {
+        ProvisionError::Config { .. } | ProvisionError::StateDir { .. } => exit::CONFIG,
+        ProvisionError::Registry(e) => registry_exit_code(e),
+        ProvisionError::NoKey(_) => exit::DATA,
+    }
+}
+
+/// The sysexits code the daemon exits with when [`crate::app::run_with`] fails.
+pub fn exit_code(e: &AppError) -> u8 {
+    match e {
+        AppError::Config(_) | AppError::StateDir { .. } => exit::CONFIG,
+        AppError::Unauthorized(_) => exit::NOPERM,
+        AppError::Provision(e) => provision_exit_code(e),
+        AppError::Internal(_) => exit::SOFTWARE,
+    }
+}
+
+/// Runs one command on a runtime of its own; returns its exit code (everything to say
+/// already printed or logged).
+pub fn dispatch(command: Command) -> u8 {
+    if let Command::CheckConfig(args) = command {
+        return run::check_config(args.config);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edgetwin: cannot start the async runtime: {e}");
+            return exit::SOFTWARE;
+        }
+    };
+    runtime.block_on(async move {
+        match command {
+            Command::Run(args) => run::daemon(args.config).await,
+            Command::Provision(args) => provision::run(args).await,
+            Command::Twin(command) => twin::run(command).await,
+            Command::CheckConfig(_) => exit::USAGE,
+        }
+    })
+}
+
+/// `--config` as given, or `None` for the default path (which may then be absent).
+fn config_path(path: PathBuf) -> Option<PathBuf> {
+    (path != Path::new(crate::config::DEFAULT_PATH)).then_some(path)
 }
 
 #[derive(Debug, Parser)]
@@ -129,5 +243,46 @@ mod tests {
     #[test]
     fn command_line_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn registry_errors_map_to_sysexits() {
+        let code = |e| registry_exit_code(&e);
+        assert_eq!(code(RegistryError::Unauthorized("x".into())), exit::NOPERM);
+        assert_eq!(code(RegistryError::NotFound("x".into())), exit::DATA);
+        assert_eq!(code(RegistryError::Conflict("x".into())), exit::DATA);
+        assert_eq!(code(RegistryError::Invalid("x".into())), exit::DATA);
+        for retryable in [
+            RegistryError::PreconditionFailed("x".into()),
+            RegistryError::Throttled("x".into()),
+            RegistryError::Transient("x".into()),
+        ] {
+            assert_eq!(code(retryable), exit::UNAVAILABLE);
+        }
+    }
+
+    #[test]
+    fn daemon_errors_map_to_sysexits() {
+        let provision = |e| exit_code(&AppError::Provision(e));
+        assert_eq!(exit_code(&AppError::Config("x".into())), exit::CONFIG);
+        assert_eq!(exit_code(&AppError::Internal("x".into())), exit::SOFTWARE);
+        assert_eq!(
+            provision(ProvisionError::Config { what: "x".into() }),
+            exit::CONFIG
+        );
+        assert_eq!(
+            provision(ProvisionError::Registry(RegistryError::Unauthorized(
+                "x".into()
+            ))),
+            exit::NOPERM
+        );
+        assert_eq!(provision(ProvisionError::NoKey("d/m".into())), exit::DATA);
+        assert_eq!(
+            provision(ProvisionError::StateDir {
+                path: "/x".into(),
+                source: std::io::ErrorKind::PermissionDenied.into(),
+            }),
+            exit::CONFIG
+        );
     }
 }
