@@ -22,6 +22,8 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::hub::session::{ConnectionState, HubCommand, HubEvent};
 use crate::hub::twin_requests::TwinFailure;
@@ -29,7 +31,7 @@ use crate::systemd::{Heartbeat, BEAT_EVERY};
 use crate::twin::{
     AckStyle, Disposition, Outcome, ReportedCoalescer, RuntimeState, Schema, TwinSync, Verdict,
 };
-use hook::HookRunner;
+use hook::{HookRunner, HookTask};
 
 /// Reported keys kept while they cannot be sent; one per desired property is plenty.
 const MAX_PENDING_REPORTED: usize = 1024;
@@ -83,6 +85,8 @@ pub struct Agent {
     interval: Duration,
     published: watch::Sender<RuntimeState>,
     hook: HookRunner,
+    /// The hook's task, spawned by [`Agent::run`] on the agent's own tracker.
+    hook_task: Option<HookTask>,
     /// The properties the hook last saw; `None` before its first run.
     hooked: Option<Map<String, Value>>,
     heartbeat: Heartbeat,
@@ -98,6 +102,7 @@ impl Agent {
     ) -> (Agent, watch::Receiver<RuntimeState>) {
         let sync = TwinSync::new(config.schema.clone(), config.ack, state);
         let (published, view) = watch::channel(sync.state().clone());
+        let (hook, hook_task) = HookRunner::new(hook::HOOK_TIMEOUT);
         let mut agent = Agent {
             config,
             sync,
@@ -110,7 +115,8 @@ impl Agent {
             next_telemetry: None,
             interval: Duration::ZERO,
             published,
-            hook: HookRunner::spawn(hook::HOOK_TIMEOUT),
+            hook,
+            hook_task: Some(hook_task),
             hooked: None,
             heartbeat,
         };
@@ -123,8 +129,19 @@ impl Agent {
         self.sync.state()
     }
 
-    /// Runs until `shutdown`, then writes the state one last time.
+    /// Runs until `shutdown`, then writes the state one last time and stops the hook
+    /// task (a hook still running is killed): nothing it started outlives it.
     pub async fn run(mut self, mut links: AgentLinks, shutdown: CancellationToken) {
+        let hooks = TaskTracker::new();
+        let hook_stop = CancellationToken::new();
+        if let Some(task) = self.hook_task.take() {
+            // In the agent's span, so hook logs name the device and module too.
+            hooks.spawn(
+                task.run(hook_stop.clone())
+                    .instrument(tracing::Span::current()),
+            );
+        }
+        hooks.close();
         let mut beat = tokio::time::interval(BEAT_EVERY);
         loop {
             tokio::select! {
@@ -158,6 +175,8 @@ impl Agent {
                 "state written at shutdown"
             );
         }
+        hook_stop.cancel();
+        hooks.wait().await;
     }
 
     async fn on_event(&mut self, event: HubEvent, links: &AgentLinks) {

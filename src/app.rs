@@ -3,16 +3,26 @@
 //!
 //! It loads the persisted state and puts it in force before any network I/O (a corrupt
 //! or foreign `state.json` is moved aside), sends READY, provisions the module identity
-//! on first boot (see [`first_boot`]), spawns the agent and the hub session, keeps `STATUS=` and the watchdog fed, applies reloads, and stops in order:
-//! agent (state flushed) first, then the session (MQTT DISCONNECT), within a grace
-//! period. It owns no runtime state itself and never talks to the hub directly.
-//! [`handle_signals`] turns SIGTERM/SIGINT/SIGHUP into cancellation and reloads for `main`.
+//! on first boot (see `first_boot_credentials`), spawns the agent, the hub session and
+//! the watchdog feeder on its own [`TaskTracker`], keeps `STATUS=` fed, applies reloads,
+//! and stops in order: agent (state flushed) first, then the session (MQTT DISCONNECT),
+//! each within a grace period, then waits for the tracker: no task outlives [`run_with`].
+//! It owns no runtime state itself and never talks to the hub directly. Its error is
+//! returned, not logged: the caller reports it once.
+//!
+//! - `signals`: [`handle_signals`] turns SIGTERM/SIGINT/SIGHUP into cancellation and
+//!   reloads.
+
+mod signals;
+
+pub use signals::handle_signals;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::agent::{Agent, AgentConfig, AgentControl, AgentLinks};
@@ -22,7 +32,6 @@ use crate::hub::session::{
     ConnectionState, HttpProxy, HubTransport, Session, SessionConfig, SessionError,
 };
 use crate::identity::ModuleCredentials;
-use crate::logging::LogHandle;
 use crate::provision::{Plan, ProvisionError};
 use crate::systemd::{feed_watchdog, Heartbeat, Notifier};
 use crate::twin::{RuntimeState, StateFile};
@@ -32,41 +41,28 @@ pub const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a twin request may stay unanswered before it is sent again.
 pub const TWIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why the daemon stopped by itself. The caller maps it to an exit code (`cli::exit_code`).
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    /// Exit 78.
+    /// A configuration problem (credential missing or malformed, proxy, CA file).
     #[error("{0}")]
     Config(String),
-    /// Exit 77.
+    /// The hub refused the module credential for good.
     #[error(transparent)]
     Unauthorized(SessionError),
-    /// Exit 78: the state directory is unusable (it is configuration, `state.dir`).
+    /// The state directory is unusable (it is configuration, `state.dir`).
     #[error("state directory {}: {source}", dir.display())]
     StateDir {
         dir: PathBuf,
         source: std::io::Error,
     },
-    /// First-boot provisioning failed for good (the hub refused it): exit 77 for a
-    /// policy without registry write rights, 65 for a refused id, 78 for an unwritable
-    /// state dir.
+    /// First-boot provisioning failed for good: its configuration, a refusal by the hub
+    /// (e.g. a policy without registry write rights) or an unwritable state dir.
     #[error("provisioning failed: {0}")]
     Provision(ProvisionError),
-    /// Exit 70.
+    /// A bug: a task panicked or an invariant broke.
     #[error("internal error: {0}")]
     Internal(String),
-}
-
-impl AppError {
-    /// The sysexits code `main` exits with.
-    pub fn exit_code(&self) -> u8 {
-        use crate::cli::exit;
-        match self {
-            AppError::Config(_) | AppError::StateDir { .. } => exit::CONFIG,
-            AppError::Unauthorized(_) => exit::NOPERM,
-            AppError::Provision(e) => e.exit_code(),
-            AppError::Internal(_) => exit::SOFTWARE,
-        }
-    }
 }
 
 /// Runs the daemon until `shutdown` is cancelled.
@@ -200,19 +196,25 @@ pub async fn run_with(
     };
     let agent_stop = CancellationToken::new();
     let session_stop = CancellationToken::new();
-    let mut agent_task = tokio::spawn(
+    let watchdog_stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let mut agent_task = tasks.spawn(
         agent
             .run(links, agent_stop.clone())
             .instrument(span.clone()),
     );
-    let mut session_task = tokio::spawn(session.run(session_stop.clone()).instrument(span.clone()));
-    let watchdog = notifier.watchdog_period().map(|period| {
-        tokio::spawn(feed_watchdog(
-            notifier.clone(),
-            period,
-            vec![agent_heart, session_heart],
-        ))
-    });
+    let mut session_task = tasks.spawn(session.run(session_stop.clone()).instrument(span.clone()));
+    if let Some(period) = notifier.watchdog_period() {
+        let feed = feed_watchdog(notifier.clone(), period, vec![agent_heart, session_heart]);
+        let stop = watchdog_stop.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = feed => {}
+            }
+        });
+    }
+    tasks.close();
 
     let mut session_result = None;
     let mut status = Status::default();
@@ -242,13 +244,15 @@ pub async fn run_with(
     notifier.stopping();
     span.in_scope(|| tracing::info!(edgetwin_event = "stopping", "stopping"));
     agent_stop.cancel();
-    if tokio::time::timeout(STOP_GRACE, &mut agent_task)
-        .await
-        .is_err()
-    {
-        agent_task.abort();
-        span.in_scope(|| tracing::error!("agent did not stop in time"));
-    }
+    let agent_result = match tokio::time::timeout(STOP_GRACE, &mut agent_task).await {
+        Ok(r) => r,
+        Err(_) => {
+            // Last resort: the task ends at its next await; the tracker waits for that.
+            agent_task.abort();
+            span.in_scope(|| tracing::error!("agent did not stop in time"));
+            Ok(())
+        }
+    };
     session_stop.cancel();
     let session_result = match session_result {
         Some(r) => r,
@@ -256,22 +260,18 @@ pub async fn run_with(
             Ok(r) => r,
             Err(_) => {
                 session_task.abort();
+                span.in_scope(|| tracing::error!("session did not stop in time"));
                 Ok(Ok(()))
             }
         },
     };
-    if let Some(w) = watchdog {
-        w.abort();
-    }
-    match session_result {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => {
-            span.in_scope(
-                || tracing::error!(edgetwin_event = "auth_failed", error = %e, "giving up"),
-            );
-            Err(AppError::Unauthorized(e))
-        }
-        Err(e) => Err(AppError::Internal(format!("session task failed: {e}"))),
+    watchdog_stop.cancel();
+    tasks.wait().await;
+    match (session_result, agent_result) {
+        (Ok(Err(e)), _) => Err(AppError::Unauthorized(e)),
+        (Err(e), _) => Err(AppError::Internal(format!("session task failed: {e}"))),
+        (Ok(Ok(())), Err(e)) => Err(AppError::Internal(format!("agent task failed: {e}"))),
+        (Ok(Ok(())), Ok(())) => Ok(()),
     }
 }
 
@@ -361,7 +361,7 @@ fn module_credentials(settings: &Settings) -> Result<Option<ModuleCredentials>, 
 /// credential is read once, here, and never again once `module.connstr` exists), retrying
 /// with the hub backoff while the hub is unreachable or throttling, and returns the
 /// module credential it wrote. A refusal (401: the policy lacks registry write rights)
-/// is final. `None` when `shutdown` came first.
+/// is final and returned, not logged. `None` when `shutdown` came first.
 ///
 /// The watchdog is fed on its period meanwhile: every attempt is bounded by the registry
 /// client's request timeout and retry limits, so this loop cannot wedge unnoticed.
@@ -370,7 +370,7 @@ async fn first_boot_credentials(
     waiting: &mut Waiting<'_>,
     shutdown: &CancellationToken,
 ) -> Result<Option<ModuleCredentials>, AppError> {
-    let plan = Plan::from_settings(settings, None).map_err(|f| AppError::Config(f.message))?;
+    let plan = Plan::from_settings(settings, None).map_err(AppError::Provision)?;
     let mut backoff = Backoff::new(BackoffPolicy {
         initial: settings.hub.backoff.initial,
         max: settings.hub.backoff.max,
@@ -409,15 +409,8 @@ async fn first_boot_credentials(
                     _ = waiting.on(tokio::time::sleep(pause)) => {}
                 }
             }
-            Err(e) => {
-                tracing::error!(
-                    edgetwin_event = "provision_failed",
-                    error = %e,
-                    "provisioning refused; a policy with registry write rights \
-                     (registryReadWrite) is needed for the first boot"
-                );
-                return Err(AppError::Provision(e));
-            }
+            // Reported once by the caller; the message says which rights are missing.
+            Err(e) => return Err(AppError::Provision(e)),
         }
     }
     module_credentials(settings)?
@@ -573,49 +566,4 @@ fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
     let aside = path.with_file_name(name);
     std::fs::rename(path, &aside)?;
     Ok(aside)
-}
-
-/// SIGTERM/SIGINT cancel `shutdown`; SIGHUP re-reads the configuration from
-/// `config_path`, applies the log level and forwards good settings to `reloads` (a bad
-/// configuration is logged and the old one stays).
-pub async fn handle_signals(
-    config_path: Option<PathBuf>,
-    log: LogHandle,
-    shutdown: CancellationToken,
-    reloads: mpsc::Sender<Settings>,
-) -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let notifier = Notifier::from_env();
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => {
-                notifier.reloading();
-                match Settings::load(config_path.as_deref()) {
-                    Ok(settings) => {
-                        if let Err(e) = log.set_level(&settings.log.level) {
-                            tracing::warn!(error = %e, "log level not changed");
-                        }
-                        tracing::info!(edgetwin_event = "reload", "configuration re-read");
-                        let _ = reloads.send(settings).await;
-                    }
-                    Err(errors) => {
-                        tracing::error!(
-                            edgetwin_event = "reload_rejected",
-                            problems = %errors,
-                            "new configuration is invalid; keeping the old one"
-                        );
-                        notifier.ready("configuration reload rejected; running with the old one");
-                    }
-                }
-            }
-        }
-    }
-    tracing::info!(edgetwin_event = "signal", "stop requested");
-    shutdown.cancel();
-    Ok(())
 }

@@ -15,9 +15,11 @@
 //! - [`agent`]: sole owner of the runtime state: applies, persists, acknowledges,
 //!   telemetry, direct methods, change hook.
 //! - [`registry`]: the service REST client (registry, twins, methods).
-//! - [`provision`]: create/fetch the device and module identities, store `module.connstr`.
-//! - [`twin_cli`]: `edgetwin twin show` / `twin set` (service side, etag-guarded PATCH).
-//! - [`cli`]: clap definitions of the command line.
+//! - [`provision`]: create/fetch the device and module identities, store `module.connstr`
+//!   (typed errors, no printing).
+//! - [`cli`]: the command line: clap definitions, the commands (`run`, `check-config`,
+//!   `provision`, `twin show`/`twin set`), the only code that prints or maps errors to
+//!   sysexits codes.
 
 pub mod agent;
 pub mod app;
@@ -31,4 +33,3 @@ pub mod registry;
 pub mod store;
 pub mod systemd;
 pub mod twin;
-pub mod twin_cli;

@@ -1,99 +1,21 @@
-//! Entry point: parse the command line, set up logging, dispatch, map the outcome to a
-//! sysexits code. Kept thin; every command's work lives in the library.
+//! Entry point: parse the command line, set up logging, dispatch to [`edgetwin::cli`],
+//! exit with the code it returns. Kept thin: the commands live in `src/cli/`.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use edgetwin::cli::{exit, Cli, Command};
-use edgetwin::config::Settings;
-use std::path::{Path, PathBuf};
-use tokio_util::sync::CancellationToken;
+use edgetwin::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("edgetwin: cannot start the async runtime: {e}");
-            return ExitCode::from(exit::SOFTWARE);
-        }
-    };
-    let code = match cli.command {
-        Command::Run(args) => runtime.block_on(run_daemon(args.config)),
-        Command::CheckConfig(args) => check_config(args.config),
-        other => {
-            init_logging();
-            runtime.block_on(dispatch(other))
-        }
-    };
-    ExitCode::from(code)
-}
-
-async fn dispatch(command: Command) -> u8 {
-    match command {
-        Command::Run(_) | Command::CheckConfig(_) => exit::USAGE,
-        Command::Provision(args) => {
-            let config = config_path(args.config);
-            edgetwin::provision::command(config.as_deref(), args.ca_file.as_deref()).await
-        }
-        Command::Twin(command) => edgetwin::twin_cli::run(command).await,
+    let Cli { command } = Cli::parse();
+    // The daemon sets up its logging from its configuration; check-config only prints.
+    if matches!(command, Command::Provision(_) | Command::Twin(_)) {
+        init_logging();
     }
+    ExitCode::from(edgetwin::cli::dispatch(command))
 }
 
-/// `--config` as given, or `None` for the default path (which may then be absent).
-fn config_path(path: PathBuf) -> Option<PathBuf> {
-    (path != Path::new(edgetwin::config::DEFAULT_PATH)).then_some(path)
-}
-
-/// `edgetwin run`: the daemon, until SIGTERM/SIGINT.
-async fn run_daemon(path: PathBuf) -> u8 {
-    let path = config_path(path);
-    let settings = match Settings::load(path.as_deref()) {
-        Ok(s) => s,
-        Err(errors) => {
-            eprintln!("edgetwin: {errors}");
-            return exit::CONFIG;
-        }
-    };
-    let log = edgetwin::logging::init(&settings.log.level, settings.log.format);
-    let shutdown = CancellationToken::new();
-    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
-    let signals = tokio::spawn(edgetwin::app::handle_signals(
-        path,
-        log,
-        shutdown.clone(),
-        reload_tx,
-    ));
-    let control = edgetwin::app::RunControl {
-        reloads: Some(reload_rx),
-        on_ready: None,
-    };
-    let result = edgetwin::app::run_with(settings, shutdown, control).await;
-    signals.abort();
-    match result {
-        Ok(()) => exit::OK,
-        Err(e) => {
-            tracing::error!(error = %e, "edgetwin stopped");
-            eprintln!("edgetwin: {e}");
-            e.exit_code()
-        }
-    }
-}
-
-/// `edgetwin check-config`: validate, print the effective config with secrets redacted.
-fn check_config(path: PathBuf) -> u8 {
-    match Settings::load(config_path(path).as_deref()) {
-        Ok(settings) => {
-            print!("{}", settings.redacted_toml());
-            exit::OK
-        }
-        Err(errors) => {
-            eprintln!("edgetwin: {errors}");
-            exit::CONFIG
-        }
-    }
-}
-
+/// One-shot commands log to stderr, at `EDGETWIN_LOG` (default `info`).
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGETWIN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

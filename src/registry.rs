@@ -12,12 +12,13 @@
 //! A PATCH with `If-Match: "*"` and a direct-method POST are repeated only when the hub
 //! cannot have acted on them: 429, or no connection made.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
 use crate::hub::backoff::BackoffPolicy;
-use crate::identity::ServiceCredentials;
+use crate::identity::{ConnectionStringError, ServiceCredentials};
 
 pub const API_VERSION: &str = "2021-04-12";
 /// Service tokens live this long; each request gets a fresh one.
@@ -117,6 +118,19 @@ impl RegistryError {
     }
 }
 
+/// Why [`RegistryClient::from_connection_string`] could not build a client. The first two
+/// are configuration problems (the credential or the CA file the user gave).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientSetupError {
+    #[error("service connection string: {0}")]
+    ConnectionString(#[from] ConnectionStringError),
+    #[error("CA file {}: {reason}", path.display())]
+    CaFile { path: PathBuf, reason: String },
+    /// The HTTP client itself could not be built.
+    #[error(transparent)]
+    Client(RegistryError),
+}
+
 /// A typed client for one hub.
 #[derive(Clone)]
 pub struct RegistryClient {
@@ -165,6 +179,27 @@ impl RegistryClient {
         })
     }
 
+    /// A client for the hub of a service (policy) connection string, trusting also the
+    /// PEM anchors in `ca_file`. What the CLI and first-boot provisioning both build.
+    pub fn from_connection_string(
+        connection_string: &str,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, ClientSetupError> {
+        let credentials: ServiceCredentials = connection_string.trim().parse()?;
+        let ca_error = |reason: String| ClientSetupError::CaFile {
+            path: ca_file.map(Path::to_path_buf).unwrap_or_default(),
+            reason,
+        };
+        let pem = ca_file
+            .map(std::fs::read)
+            .transpose()
+            .map_err(|e| ca_error(format!("cannot read: {e}")))?;
+        RegistryClient::new(credentials, pem.as_deref()).map_err(|e| match e {
+            RegistryError::Invalid(reason) => ca_error(reason),
+            other => ClientSetupError::Client(other),
+        })
+    }
+
     /// The same client with other retry bounds (tests use short ones).
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
@@ -179,6 +214,11 @@ impl RegistryClient {
 
     pub fn retry_policy(&self) -> RetryPolicy {
         self.retry
+    }
+
+    /// The hub's host name as the service credential gives it (may carry a port).
+    pub fn host_name(&self) -> &str {
+        &self.credentials.host_name
     }
 
     pub async fn create_device(&self, device_id: &str) -> Result<Value, RegistryError> {

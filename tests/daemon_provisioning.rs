@@ -303,6 +303,15 @@ async fn first_boot_with_a_read_only_policy_exits_77() {
         log.contains("registryReadWrite"),
         "says what is needed: {log}"
     );
+    assert_eq!(
+        log.matches("provisioning failed").count(),
+        1,
+        "the error is reported once: {log}"
+    );
+    assert!(
+        log.contains("provision_failed"),
+        "the event is named: {log}"
+    );
     assert!(!work.path().join("state").join("module.connstr").exists());
     assert!(sim.hub().get_device(DEVICE).is_err(), "nothing created");
     let service: ServiceCredentials = read_only.parse().unwrap();

@@ -191,7 +191,7 @@ async fn wrong_credentials_at_start_stop_the_daemon_with_exit_77() {
         .expect("daemon gives up in time")
         .expect("no panic");
     let error = result.expect_err("refused credentials are fatal at start-up");
-    assert_eq!(error.exit_code(), 77);
+    assert_eq!(edgetwin::cli::exit_code(&error), 77);
 }
 
 /// A minimal HTTP CONNECT proxy; counts the tunnels it opened.

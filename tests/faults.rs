@@ -361,7 +361,7 @@ async fn s5_token_expiry_and_clock_skew() {
         .await
         .expect("stops by itself")
         .expect("no panic");
-    let code = result.as_ref().err().map(AppError::exit_code);
+    let code = result.as_ref().err().map(edgetwin::cli::exit_code);
     assert!(
         matches!(result, Err(AppError::Unauthorized(_))),
         "{result:?}"

@@ -5,56 +5,20 @@
 //! The service connection string comes from `--hub-connection-string`, the environment
 //! variable `EDGETWIN_SERVICE_CONNECTION_STRING` (both through clap), or the config's
 //! `[provisioning]` credentials; extra trust anchors from `--ca-file` or `hub.ca_file`.
-//! Every failure is a [`Failure`] carrying its sysexits code. Nothing here ever prints
-//! a key, token or connection string.
+//! Every failure is a [`Failure`] carrying its sysexits code, printed once by [`run`].
+//! Nothing here ever prints a key, token or connection string.
 
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::cli::{exit, ServiceArgs, TwinCommand};
+use super::{exit, Failure, ServiceArgs, TwinCommand};
 use crate::config::Settings;
-use crate::identity::ServiceCredentials;
 use crate::registry::{RegistryClient, RegistryError};
 
 /// How often `--wait-ack` reads the twin.
 const ACK_POLL: Duration = Duration::from_millis(500);
-
-/// A command failed: what to tell the user, and the exit code.
-#[derive(Debug)]
-pub struct Failure {
-    pub code: u8,
-    pub message: String,
-}
-
-impl Failure {
-    pub fn new(code: u8, message: impl Into<String>) -> Self {
-        Failure {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<RegistryError> for Failure {
-    fn from(e: RegistryError) -> Self {
-        Failure::new(registry_exit_code(&e), e.to_string())
-    }
-}
-
-/// The sysexits code for a registry error.
-pub fn registry_exit_code(e: &RegistryError) -> u8 {
-    match e {
-        RegistryError::Unauthorized(_) => exit::NOPERM,
-        RegistryError::NotFound(_) | RegistryError::Invalid(_) => exit::DATA,
-        RegistryError::Conflict(_) => exit::DATA,
-        // The twin kept changing under us (after one retry): trying later may work.
-        RegistryError::PreconditionFailed(_)
-        | RegistryError::Throttled(_)
-        | RegistryError::Transient(_) => exit::UNAVAILABLE,
-    }
-}
 
 /// Runs one `twin` subcommand; returns the exit code (messages already printed).
 pub async fn run(command: TwinCommand) -> u8 {
@@ -378,31 +342,14 @@ fn service_client(args: &ServiceArgs) -> Result<RegistryClient, Failure> {
         .ca_file
         .clone()
         .or_else(|| settings.as_ref().and_then(|s| s.hub.ca_file.clone()));
-    client_for(&connstr, ca_file.as_deref())
+    Ok(RegistryClient::from_connection_string(
+        &connstr,
+        ca_file.as_deref(),
+    )?)
 }
 
 fn load_settings(path: Option<&Path>) -> Result<Settings, Failure> {
     Settings::load(path).map_err(|e| Failure::new(exit::CONFIG, e.to_string()))
-}
-
-/// A registry client from a service connection string and an optional PEM file.
-pub fn client_for(connstr: &str, ca_file: Option<&Path>) -> Result<RegistryClient, Failure> {
-    let credentials: ServiceCredentials = connstr
-        .parse()
-        .map_err(|e| Failure::new(exit::CONFIG, format!("service connection string: {e}")))?;
-    let pem = match ca_file {
-        None => None,
-        Some(path) => Some(std::fs::read(path).map_err(|e| {
-            Failure::new(
-                exit::CONFIG,
-                format!("CA file {}: cannot read: {e}", path.display()),
-            )
-        })?),
-    };
-    RegistryClient::new(credentials, pem.as_deref()).map_err(|e| match e {
-        RegistryError::Invalid(m) => Failure::new(exit::CONFIG, m),
-        other => other.into(),
-    })
 }
 
 #[cfg(test)]

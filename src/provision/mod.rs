@@ -5,16 +5,19 @@
 //! Idempotent: a second run finds both identities and writes the same file; a run
 //! interrupted between device and module is completed by the next one. The module key
 //! is written to the file and nowhere else: never printed, never logged.
+//!
+//! Library code: it returns a typed [`ProvisionError`] and never prints. Its callers are
+//! `edgetwin provision` (`cli::provision`, which prints and picks the exit code) and the
+//! daemon's first boot (`app`, which retries what [`ProvisionError::is_retryable`]).
+//! Identity sources beyond the service key (device key, DPS) will live beside this file.
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::cli::exit;
 use crate::config::Settings;
-use crate::identity::{ModuleCredentials, ServiceCredentials, SharedKey};
-use crate::registry::{RegistryClient, RegistryError};
-use crate::twin_cli::{client_for, Failure};
+use crate::identity::{ModuleCredentials, SharedKey};
+use crate::registry::{ClientSetupError, RegistryClient, RegistryError};
 
 /// What provisioning produced (no secret in it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,38 +31,61 @@ pub struct Provisioned {
     pub module_created: bool,
 }
 
+/// Why provisioning did not happen. Callers branch on the variant (the CLI picks its exit
+/// code from it) and on [`ProvisionError::is_retryable`] (first boot retries those).
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
-    #[error(transparent)]
+    /// The configuration does not allow provisioning: ids unset, service credential
+    /// missing, unreadable or malformed, CA file unusable.
+    #[error("{what}")]
+    Config { what: String },
+    /// The hub refused or failed a registry request.
+    #[error("{0}{hint}", hint = registry_hint(.0))]
     Registry(#[from] RegistryError),
+    /// The hub's module has no SAS key to put into the credential.
     #[error("the hub's module {0} has no primary symmetric key (not a SAS identity?)")]
     NoKey(String),
-    #[error("writing {path}: {source}")]
-    Write {
-        path: String,
+    /// The module credential could not be written under the state directory.
+    #[error("writing {}: {source}", path.display())]
+    StateDir {
+        path: PathBuf,
         source: std::io::Error,
     },
 }
 
 impl ProvisionError {
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            ProvisionError::Registry(e) => crate::twin_cli::registry_exit_code(e),
-            ProvisionError::NoKey(_) => exit::DATA,
-            ProvisionError::Write { .. } => exit::CONFIG,
-        }
-    }
-
     /// Worth trying again later (hub throttling or unreachable).
     pub fn is_retryable(&self) -> bool {
         matches!(self, ProvisionError::Registry(e) if e.is_retryable())
+    }
+
+    fn config(what: impl Into<String>) -> Self {
+        ProvisionError::Config { what: what.into() }
+    }
+}
+
+impl From<ClientSetupError> for ProvisionError {
+    fn from(e: ClientSetupError) -> Self {
+        match e {
+            ClientSetupError::Client(e) => ProvisionError::Registry(e),
+            config => ProvisionError::config(config.to_string()),
+        }
+    }
+}
+
+/// What to do about a refusal: a policy without registry write rights is the usual cause.
+fn registry_hint(e: &RegistryError) -> &'static str {
+    match e {
+        RegistryError::Unauthorized(_) => {
+            "; provisioning needs a service policy with registry write rights (registryReadWrite)"
+        }
+        _ => "",
     }
 }
 
 /// The module credential's HostName: the hub's host name without a port (service
 /// connection strings for the emulator carry `localhost:PORT`).
-pub fn hub_host_name(service: &ServiceCredentials) -> &str {
-    let host = service.host_name.as_str();
+pub fn hub_host_name(host: &str) -> &str {
     match host.rsplit_once(':') {
         Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
         _ => host,
@@ -100,8 +126,8 @@ pub async fn provision(
         key,
         gateway_host_name: None,
     };
-    let write_error = |source| ProvisionError::Write {
-        path: credential_file.display().to_string(),
+    let write_error = |source| ProvisionError::StateDir {
+        path: credential_file.to_owned(),
         source,
     };
     if let Some(dir) = credential_file
@@ -129,38 +155,6 @@ pub async fn provision(
     })
 }
 
-/// `edgetwin provision [--config PATH] [--ca-file PATH]`; returns the exit code
-/// (messages printed). `ca_file` replaces the config's `hub.ca_file`.
-pub async fn command(config: Option<&Path>, ca_file: Option<&Path>) -> u8 {
-    match command_inner(config, ca_file).await {
-        Ok(done) => {
-            let how = |created| if created { "created" } else { "existing" };
-            println!("device: {} ({})", done.device_id, how(done.device_created));
-            println!("module: {} ({})", done.module_id, how(done.module_created));
-            println!(
-                "module connection string written to {}",
-                done.credential_file.display()
-            );
-            exit::OK
-        }
-        Err(f) => {
-            eprintln!("edgetwin provision: {}", f.message);
-            f.code
-        }
-    }
-}
-
-async fn command_inner(
-    config: Option<&Path>,
-    ca_file: Option<&Path>,
-) -> Result<Provisioned, Failure> {
-    let settings = Settings::load(config).map_err(|e| Failure::new(exit::CONFIG, e.to_string()))?;
-    Plan::from_settings(&settings, ca_file)?
-        .run()
-        .await
-        .map_err(|e| Failure::new(e.exit_code(), e.to_string()))
-}
-
 /// Everything provisioning needs, taken from the configuration: the registry client
 /// (service credential read once, here), the identities and where the credential goes.
 #[derive(Debug)]
@@ -174,34 +168,34 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// `ca_file` overrides `hub.ca_file`. Failures are configuration problems (78).
-    pub fn from_settings(settings: &Settings, ca_file: Option<&Path>) -> Result<Plan, Failure> {
+    /// `ca_file` overrides `hub.ca_file`. Every failure here is a
+    /// [`ProvisionError::Config`] (or, rarely, the HTTP client not building).
+    pub fn from_settings(
+        settings: &Settings,
+        ca_file: Option<&Path>,
+    ) -> Result<Plan, ProvisionError> {
         let p = &settings.provisioning;
         if p.device_id.is_empty() || p.module_id.is_empty() {
-            return Err(Failure::new(
-                exit::CONFIG,
+            return Err(ProvisionError::config(
                 "provisioning.device_id and provisioning.module_id must be set (device_id \
                  defaults to the hostname)",
             ));
         }
         let connstr = settings
             .service_credentials()
-            .map_err(|e| Failure::new(exit::CONFIG, e.to_string()))?
+            .map_err(|e| ProvisionError::config(e.to_string()))?
             .ok_or_else(|| {
-                Failure::new(
-                    exit::CONFIG,
+                ProvisionError::config(
                     "no service connection string: set \
                      provisioning.service_connection_string_file (or the systemd credential \
                      service-connection-string)",
                 )
             })?;
-        let service: ServiceCredentials = connstr
-            .parse()
-            .map_err(|e| Failure::new(exit::CONFIG, format!("service connection string: {e}")))?;
-        let client = client_for(&connstr, ca_file.or(settings.hub.ca_file.as_deref()))?;
+        let ca_file = ca_file.or(settings.hub.ca_file.as_deref());
+        let client = RegistryClient::from_connection_string(&connstr, ca_file)?;
         Ok(Plan {
+            host_name: hub_host_name(client.host_name()).to_owned(),
             client,
-            host_name: hub_host_name(&service).to_owned(),
             device_id: p.device_id.clone(),
             module_id: p.module_id.clone(),
             credential_file: settings.state.provisioned_credentials_file(),
@@ -227,15 +221,23 @@ mod tests {
 
     #[test]
     fn host_name_loses_only_a_port() {
-        let creds = |host: &str| -> ServiceCredentials {
-            format!("HostName={host};SharedAccessKeyName=p;SharedAccessKey=AAAA")
-                .parse()
-                .unwrap()
-        };
-        assert_eq!(hub_host_name(&creds("localhost:8443")), "localhost");
+        assert_eq!(hub_host_name("localhost:8443"), "localhost");
         assert_eq!(
-            hub_host_name(&creds("hub.azure-devices.net")),
+            hub_host_name("hub.azure-devices.net"),
             "hub.azure-devices.net"
         );
+        assert_eq!(hub_host_name("[::1]:8443"), "[::1]");
+    }
+
+    #[test]
+    fn a_refused_provisioning_says_which_rights_are_needed() {
+        let refused = ProvisionError::from(RegistryError::Unauthorized("401".into()));
+        assert!(
+            refused.to_string().contains("registryReadWrite"),
+            "{refused}"
+        );
+        let throttled = ProvisionError::from(RegistryError::Throttled("429".into()));
+        assert!(throttled.is_retryable());
+        assert!(!throttled.to_string().contains("registryReadWrite"));
     }
 }

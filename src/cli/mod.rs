@@ -1,0 +1,288 @@
+//! The command line (DESIGN §1): the clap definitions, the sysexits codes every command
+//! shares, and the commands themselves. This is the only code that prints or maps errors
+//! to exit codes; the library below it returns typed errors. `main` parses, sets up
+//! logging and dispatches here.
+//!
+//! - [`run`]: `edgetwin run` (the daemon: signals, the final error, its exit code) and
+//!   `edgetwin check-config`.
+//! - [`provision`]: `edgetwin provision`.
+//! - [`twin`]: `edgetwin twin show` / `twin set` (service side, etag-guarded PATCH).
+
+pub mod provision;
+pub mod run;
+pub mod twin;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::app::AppError;
+use crate::provision::ProvisionError;
+use crate::registry::{ClientSetupError, RegistryError};
+
+/// Exit codes (sysexits.h), shared by every command.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const USAGE: u8 = 64;
+    pub const DATA: u8 = 65;
+    pub const UNAVAILABLE: u8 = 69;
+    pub const SOFTWARE: u8 = 70;
+    pub const NOPERM: u8 = 77;
+    pub const CONFIG: u8 = 78;
+}
+
+/// A command failed: what to tell the user, and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<RegistryError> for Failure {
+    fn from(e: RegistryError) -> Self {
+        Failure::new(registry_exit_code(&e), e.to_string())
+    }
+}
+
+impl From<ProvisionError> for Failure {
+    fn from(e: ProvisionError) -> Self {
+        Failure::new(provision_exit_code(&e), e.to_string())
+    }
+}
+
+impl From<ClientSetupError> for Failure {
+    fn from(e: ClientSetupError) -> Self {
+        let code = match &e {
+            ClientSetupError::Client(e) => registry_exit_code(e),
+            ClientSetupError::ConnectionString(_) | ClientSetupError::CaFile { .. } => exit::CONFIG,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+/// The sysexits code for a registry error.
+pub fn registry_exit_code(e: &RegistryError) -> u8 {
+    match e {
+        RegistryError::Unauthorized(_) => exit::NOPERM,
+        RegistryError::NotFound(_) | RegistryError::Invalid(_) => exit::DATA,
+        RegistryError::Conflict(_) => exit::DATA,
+        // The twin kept changing under us (after one retry): trying later may work.
+        RegistryError::PreconditionFailed(_)
+        | RegistryError::Throttled(_)
+        | RegistryError::Transient(_) => exit::UNAVAILABLE,
+    }
+}
+
+/// The sysexits code for a provisioning error (`edgetwin provision`, and the daemon when
+/// its first boot fails for good).
+pub fn provision_exit_code(e: &ProvisionError) -> u8 {
+    match e {
+        ProvisionError::Config { .. } | ProvisionError::StateDir { .. } => exit::CONFIG,
+        ProvisionError::Registry(e) => registry_exit_code(e),
+        ProvisionError::NoKey(_) => exit::DATA,
+    }
+}
+
+/// The sysexits code the daemon exits with when [`crate::app::run_with`] fails.
+pub fn exit_code(e: &AppError) -> u8 {
+    match e {
+        AppError::Config(_) | AppError::StateDir { .. } => exit::CONFIG,
+        AppError::Unauthorized(_) => exit::NOPERM,
+        AppError::Provision(e) => provision_exit_code(e),
+        AppError::Internal(_) => exit::SOFTWARE,
+    }
+}
+
+/// Runs one command on a runtime of its own; returns its exit code (everything to say
+/// already printed or logged).
+pub fn dispatch(command: Command) -> u8 {
+    if let Command::CheckConfig(args) = command {
+        return run::check_config(args.config);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edgetwin: cannot start the async runtime: {e}");
+            return exit::SOFTWARE;
+        }
+    };
+    runtime.block_on(async move {
+        match command {
+            Command::Run(args) => run::daemon(args.config).await,
+            Command::Provision(args) => provision::run(args).await,
+            Command::Twin(command) => twin::run(command).await,
+            Command::CheckConfig(_) => exit::USAGE,
+        }
+    })
+}
+
+/// `--config` as given, or `None` for the default path (which may then be absent).
+fn config_path(path: PathBuf) -> Option<PathBuf> {
+    (path != Path::new(crate::config::DEFAULT_PATH)).then_some(path)
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "edgetwin",
+    version,
+    about = "Keeps an Azure IoT Hub module twin applied, persisted and reported on a Linux gateway",
+    long_about = "edgetwin connects to Azure IoT Hub as a module identity over MQTT, applies the \
+module twin's desired properties (such as telemetryInterval) to local state, persists them, \
+reports what it applied and sends telemetry at that interval. It runs under systemd \
+(Type=notify, watchdog), reads one TOML file and logs to journald.\n\n\
+Exit codes: 0 ok, 64 usage, 65 bad input data, 69 hub unavailable, 77 permission denied, \
+78 bad configuration."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (what systemd starts).
+    Run(ConfigArg),
+    /// Create or fetch the device and module identities and store the module credential.
+    Provision(ProvisionArgs),
+    /// Service side: show or change a module twin.
+    #[command(subcommand)]
+    Twin(TwinCommand),
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig(ConfigArg),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// Configuration file (drop-ins are read from conf.d/ beside it).
+    #[arg(
+        long,
+        short,
+        value_name = "PATH",
+        default_value = "/etc/edgetwin/edgetwin.toml"
+    )]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ProvisionArgs {
+    /// Configuration file (drop-ins are read from conf.d/ beside it).
+    #[arg(
+        long,
+        short,
+        value_name = "PATH",
+        default_value = "/etc/edgetwin/edgetwin.toml"
+    )]
+    pub config: PathBuf,
+    /// Extra PEM trust anchors for the hub's TLS certificate (instead of hub.ca_file).
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    /// Service (policy) connection string; prefer the environment variable to keep it out
+    /// of the process list.
+    #[arg(
+        long,
+        env = "EDGETWIN_SERVICE_CONNECTION_STRING",
+        hide_env_values = true
+    )]
+    pub hub_connection_string: Option<String>,
+    /// Extra PEM trust anchors for the hub's TLS certificate.
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+    /// Configuration file to take the service credential and ca_file from.
+    #[arg(long, short, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub device: String,
+    #[arg(long)]
+    pub module: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TwinCommand {
+    /// Print the module twin (desired, reported, versions, etag).
+    Show {
+        #[command(flatten)]
+        service: ServiceArgs,
+        /// Print the raw twin document as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// PATCH desired properties with the twin's etag (k=v, JSON values; k=null deletes).
+    Set {
+        #[command(flatten)]
+        service: ServiceArgs,
+        /// A whole desired patch as JSON, for nested values.
+        #[arg(long, value_name = "JSON")]
+        patch: Option<String>,
+        /// Wait until the module's reported acks show the new version.
+        #[arg(long, value_name = "SECS")]
+        wait_ack: Option<u64>,
+        /// Properties to set, as key=value.
+        #[arg(value_name = "KEY=VALUE")]
+        assignments: Vec<String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn registry_errors_map_to_sysexits() {
+        let code = |e| registry_exit_code(&e);
+        assert_eq!(code(RegistryError::Unauthorized("x".into())), exit::NOPERM);
+        assert_eq!(code(RegistryError::NotFound("x".into())), exit::DATA);
+        assert_eq!(code(RegistryError::Conflict("x".into())), exit::DATA);
+        assert_eq!(code(RegistryError::Invalid("x".into())), exit::DATA);
+        for retryable in [
+            RegistryError::PreconditionFailed("x".into()),
+            RegistryError::Throttled("x".into()),
+            RegistryError::Transient("x".into()),
+        ] {
+            assert_eq!(code(retryable), exit::UNAVAILABLE);
+        }
+    }
+
+    #[test]
+    fn daemon_errors_map_to_sysexits() {
+        let provision = |e| exit_code(&AppError::Provision(e));
+        assert_eq!(exit_code(&AppError::Config("x".into())), exit::CONFIG);
+        assert_eq!(exit_code(&AppError::Internal("x".into())), exit::SOFTWARE);
+        assert_eq!(
+            provision(ProvisionError::Config { what: "x".into() }),
+            exit::CONFIG
+        );
+        assert_eq!(
+            provision(ProvisionError::Registry(RegistryError::Unauthorized(
+                "x".into()
+            ))),
+            exit::NOPERM
+        );
+        assert_eq!(provision(ProvisionError::NoKey("d/m".into())), exit::DATA);
+        assert_eq!(
+            provision(ProvisionError::StateDir {
+                path: "/x".into(),
+                source: std::io::ErrorKind::PermissionDenied.into(),
+            }),
+            exit::CONFIG
+        );
+    }
+}

@@ -1,0 +1,37 @@
+//! `edgetwin provision [--config PATH] [--ca-file PATH]` (DESIGN §1): creates or fetches the
+//! device and module identities through [`crate::provision`] and reports what it did.
+//! Prints identities and the credential file's path, never the key it wrote.
+
+use super::{config_path, exit, Failure, ProvisionArgs};
+use crate::config::Settings;
+use crate::provision::{Plan, Provisioned};
+
+/// Runs the command; returns the exit code (messages already printed).
+pub async fn run(args: ProvisionArgs) -> u8 {
+    let config = config_path(args.config);
+    match provision(config.as_deref(), args.ca_file.as_deref()).await {
+        Ok(done) => {
+            let how = |created| if created { "created" } else { "existing" };
+            println!("device: {} ({})", done.device_id, how(done.device_created));
+            println!("module: {} ({})", done.module_id, how(done.module_created));
+            println!(
+                "module connection string written to {}",
+                done.credential_file.display()
+            );
+            exit::OK
+        }
+        Err(f) => {
+            eprintln!("edgetwin provision: {}", f.message);
+            f.code
+        }
+    }
+}
+
+/// `ca_file` replaces the config's `hub.ca_file`.
+async fn provision(
+    config: Option<&std::path::Path>,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Provisioned, Failure> {
+    let settings = Settings::load(config).map_err(|e| Failure::new(exit::CONFIG, e.to_string()))?;
+    Ok(Plan::from_settings(&settings, ca_file)?.run().await?)
+}
