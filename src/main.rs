@@ -80,9 +80,12 @@ async fn run_daemon(path: PathBuf) -> u8 {
     }
 }
 
-/// `edgetwin check-config`: validate, print the effective config with secrets redacted.
+/// `edgetwin check-config`: validate (reading the credentials `run` would read), print
+/// the effective config with secrets redacted.
 fn check_config(path: PathBuf) -> u8 {
-    match Settings::load(config_path(path).as_deref()) {
+    let checked = Settings::load(config_path(path).as_deref())
+        .and_then(|s| s.check_credentials().map(|()| s));
+    match checked {
         Ok(settings) => {
             print!("{}", settings.redacted_toml());
             exit::OK

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::cli::exit;
 use crate::config::Settings;
+use crate::hub::tls::CaBundle;
 use crate::identity::{ModuleCredentials, ServiceCredentials, SharedKey};
 use crate::registry::{RegistryClient, RegistryError};
 use crate::twin_cli::{client_for, Failure};
@@ -198,7 +199,8 @@ impl Plan {
         let service: ServiceCredentials = connstr
             .parse()
             .map_err(|e| Failure::new(exit::CONFIG, format!("service connection string: {e}")))?;
-        let client = client_for(&connstr, ca_file.or(settings.hub.ca_file.as_deref()))?;
+        let configured_ca = settings.hub.ca_file.as_ref().map(CaBundle::path);
+        let client = client_for(&connstr, ca_file.or(configured_ca))?;
         Ok(Plan {
             client,
             host_name: hub_host_name(&service).to_owned(),
