@@ -481,8 +481,7 @@ async fn watchdog_fed<F: std::future::Future>(notifier: &Notifier, work: F) -> F
 }
 
 /// Assembles the session's configuration from values `config` already validated (proxy,
-/// gateway host, CA bundle included); nothing here can refuse them. The `Result` stays
-/// for the caller's sake.
+/// gateway host, CA bundle included): it cannot fail, whatever its signature says.
 fn session_config(
     settings: &Settings,
     credentials: ModuleCredentials,

@@ -22,8 +22,7 @@ use super::backoff::BackoffPolicy;
 use crate::identity::ModuleCredentials;
 
 pub const API_VERSION: &str = "2021-04-12";
-/// Port of an HTTP proxy URL that names none (the squid convention is 3128, but 8080 is
-/// what curl and most corporate proxies assume).
+/// Port of an HTTP proxy URL that names none: 8080, the usual HTTP proxy port.
 pub const DEFAULT_PROXY_PORT: u16 = 8080;
 
 /// `hub.transport`: how MQTT is carried to the hub.
