@@ -26,11 +26,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::agent::{Agent, AgentConfig, AgentControl, AgentLinks};
-use crate::config::{Settings, Transport};
+use crate::config::Settings;
 use crate::hub::backoff::{Backoff, BackoffPolicy};
-use crate::hub::session::{
-    ConnectionState, HttpProxy, HubTransport, Session, SessionConfig, SessionError,
-};
+use crate::hub::session::{ConnectionState, Session, SessionConfig, SessionError};
 use crate::identity::ModuleCredentials;
 use crate::provision::{Plan, ProvisionError};
 use crate::systemd::{feed_watchdog, Heartbeat, Notifier};
@@ -141,7 +139,7 @@ pub async fn run_with(
             }
         }
     };
-    let session_config = session_config(&settings, credentials.clone())?;
+    let session_config = session_config(&settings, credentials.clone());
     let agent_heart = Heartbeat::new();
     let session_heart = Heartbeat::new();
     agent_heart.beat();
@@ -276,12 +274,23 @@ pub async fn run_with(
 }
 
 /// Applies what can change live (DESIGN §2): twin schema and ack style, telemetry, hook.
-/// The log level is applied by whoever owns the [`LogHandle`]; hub settings need a restart.
+/// The log level is applied by whoever owns the [`LogHandle`]; hub, provisioning and
+/// state settings need a restart. Settings compare by value, secrets included, so a
+/// changed inline connection string is noticed too.
 fn reload(old: &Settings, new: &Settings, control: &mpsc::Sender<AgentControl>) {
-    if format!("{:?}", old.hub) != format!("{:?}", new.hub) {
+    let restart: Vec<&str> = [
+        ("hub", old.hub != new.hub),
+        ("provisioning", old.provisioning != new.provisioning),
+        ("state", old.state != new.state),
+    ]
+    .into_iter()
+    .filter_map(|(section, changed)| changed.then_some(section))
+    .collect();
+    if !restart.is_empty() {
         tracing::warn!(
             edgetwin_event = "reload_partial",
-            "hub settings changed; they take effect at the next restart"
+            sections = %restart.join(","),
+            "settings changed that take effect at the next restart"
         );
     }
     let sent = control.try_send(AgentControl::Reload {
@@ -464,54 +473,21 @@ async fn watchdog_fed<F: std::future::Future>(notifier: &Notifier, work: F) -> F
     }
 }
 
-fn session_config(
-    settings: &Settings,
-    credentials: ModuleCredentials,
-) -> Result<SessionConfig, AppError> {
+/// Assembles the session's configuration from values `config` already validated (proxy,
+/// gateway host, CA bundle included), so it cannot fail.
+fn session_config(settings: &Settings, credentials: ModuleCredentials) -> SessionConfig {
     let hub = &settings.hub;
-    let proxy = match &hub.proxy {
-        Some(proxy) => Some(
-            HttpProxy::parse(proxy.url())
-                .map_err(|e| AppError::Config(format!("hub.proxy {}: {e}", proxy.redacted())))?,
-        ),
-        None => None,
-    };
-    let ca = match &hub.ca_file {
-        Some(path) => Some(std::fs::read(path).map_err(|e| {
-            AppError::Config(format!("hub.ca_file: cannot read {}: {e}", path.display()))
-        })?),
-        None => None,
-    };
-    let tls = crate::hub::tls::client_config(ca.as_deref())
-        .map_err(|e| AppError::Config(format!("hub.ca_file: {e:#}")))?;
-    let gateway_host = hub.gateway_host.as_ref().map(|g| {
-        let host = if g.host.contains(':') {
-            format!("[{}]", g.host)
-        } else {
-            g.host.clone()
-        };
-        match g.port {
-            Some(port) => format!("{host}:{port}"),
-            None => host,
-        }
-    });
-    Ok(SessionConfig {
+    SessionConfig {
         credentials,
-        transport: match hub.transport {
-            Transport::Mqtt => HubTransport::Mqtt,
-            Transport::MqttWs => HubTransport::MqttWs,
-        },
-        gateway_host,
-        tls,
+        transport: hub.transport,
+        gateway_host: hub.gateway_host.clone(),
+        tls: crate::hub::tls::client_config(hub.ca_file.as_ref()),
         sas_ttl: hub.sas_ttl,
         keep_alive: hub.keep_alive,
-        backoff: BackoffPolicy {
-            initial: hub.backoff.initial,
-            max: hub.backoff.max,
-        },
+        backoff: hub.backoff,
         twin_timeout: TWIN_TIMEOUT,
-        proxy,
-    })
+        proxy: hub.proxy.clone(),
+    }
 }
 
 /// Reads `state.json`; a corrupt or foreign one is moved aside and defaults are used.

@@ -13,6 +13,15 @@
 //! - `raw`: serde mirrors of the file format and the figment layering.
 //! - [`duration`]: `"500ms"`, `"60s"`, `"1h"` parsing.
 //! - [`credentials`]: where connection strings come from; [`Secret`].
+//!
+//! Validation produces the types the daemon runs with, not look-alikes: the hub's
+//! [`HubTransport`], [`HostPort`], [`HttpProxy`], [`BackoffPolicy`] and [`CaBundle`] (the
+//! CA file is read and checked here), the twin's [`Schema`]. What `check-config` accepts
+//! is therefore what `run` accepts, with two runtime-only exceptions: credential files
+//! are read by [`Settings::check_credentials`] (called by `check-config` and, through
+//! [`Settings::module_identity`], by `run`) rather than by `load`, and the state
+//! directory is created and written only by `run`, as the daemon's user (systemd's
+//! `StateDirectory=` creates it at start; `check-config` typically runs as another user).
 //! - `validate`: raw → typed, cross-field checks.
 //! - `redact`: the effective config as TOML with secrets replaced.
 
@@ -25,6 +34,8 @@ mod validate;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_run_parity;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,13 +45,18 @@ use serde::{Deserialize, Serialize};
 pub use credentials::{CredentialSource, Secret};
 pub use errors::{ConfigError, ConfigErrors};
 
+use crate::hub::backoff::BackoffPolicy;
+use crate::hub::options::{HostPort, HttpProxy, HubTransport};
+use crate::hub::tls::CaBundle;
+use crate::identity::{ModuleCredentials, ServiceCredentials};
 use crate::twin::{AckStyle, Schema};
 
 /// Main configuration file when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/edgetwin/edgetwin.toml";
 
-/// The validated configuration the daemon runs with.
-#[derive(Debug, Clone)]
+/// The validated configuration the daemon runs with. Compared by value (secrets
+/// included) to tell what a reload changed.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     /// Files that were read, in merge order (main file first, then `conf.d`).
     pub files: Vec<PathBuf>,
@@ -53,80 +69,26 @@ pub struct Settings {
     pub log: LogSettings,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HubSettings {
     /// Where the module connection string comes from; read it with
-    /// [`Settings::module_credentials`].
+    /// [`Settings::module_identity`]. An inline one was parsed at load.
     pub credentials: CredentialSource,
-    pub transport: Transport,
-    /// TCP/TLS target instead of the connection string's host (`GatewayHostName`).
-    pub gateway_host: Option<GatewayHost>,
-    /// Extra PEM trust anchors besides the system roots.
-    pub ca_file: Option<PathBuf>,
+    pub transport: HubTransport,
+    /// TCP/TLS target instead of the connection string's host (`GatewayHostName`), its
+    /// port defaulted from `transport` when the config names none.
+    pub gateway_host: Option<HostPort>,
+    /// Extra PEM trust anchors besides the system roots, read and checked at load.
+    pub ca_file: Option<CaBundle>,
     /// SAS token lifetime; the session renews (by reconnecting) at 80 % of it.
     pub sas_ttl: Duration,
     pub keep_alive: Duration,
-    pub backoff: Backoff,
-    pub proxy: Option<Proxy>,
+    /// Exponential reconnect backoff with full jitter; `0 < initial <= max`.
+    pub backoff: BackoffPolicy,
+    pub proxy: Option<HttpProxy>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum Transport {
-    /// MQTT over TLS, port 8883.
-    #[default]
-    #[serde(rename = "mqtt")]
-    Mqtt,
-    /// MQTT over WebSocket over TLS, port 443 (for networks that only pass HTTPS).
-    #[serde(rename = "mqtt-ws")]
-    MqttWs,
-}
-
-/// Exponential reconnect backoff with full jitter, between these bounds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    pub initial: Duration,
-    pub max: Duration,
-}
-
-/// `host` or `host:port` (`[v6addr]:port` for IPv6).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GatewayHost {
-    pub host: String,
-    pub port: Option<u16>,
-}
-
-/// An HTTP CONNECT proxy URL. Its `Debug` hides any `user:password@`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Proxy(String);
-
-impl Proxy {
-    pub fn new(url: impl Into<String>) -> Self {
-        Proxy(url.into())
-    }
-
-    pub fn url(&self) -> &str {
-        &self.0
-    }
-
-    /// The URL with any user information replaced, for logs and `check-config`.
-    pub fn redacted(&self) -> String {
-        match self.0.split_once("://") {
-            Some((scheme, rest)) => match rest.split_once('@') {
-                Some((_, host)) => format!("{scheme}://{}@{host}", credentials::REDACTED),
-                None => self.0.clone(),
-            },
-            None => self.0.clone(),
-        }
-    }
-}
-
-impl std::fmt::Debug for Proxy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
-
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProvisioningSettings {
     pub enabled: bool,
     /// Service (registry) credentials; `Some` whenever provisioning is enabled.
@@ -135,19 +97,19 @@ pub struct ProvisioningSettings {
     pub module_id: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TwinSettings {
     pub ack: AckStyle,
     /// Declared properties (with the built-in `telemetryInterval`) and unknown policy.
     pub schema: Schema,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TelemetrySettings {
     pub enabled: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StateSettings {
     pub dir: PathBuf,
 }
@@ -162,13 +124,13 @@ impl StateSettings {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HookSettings {
     /// Command run after each change, given the new state as JSON on stdin.
     pub on_change: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LogSettings {
     /// A `tracing_subscriber::EnvFilter` directive, e.g. `info` or `info,edgetwin=debug`.
     pub level: String,
@@ -198,31 +160,57 @@ impl Settings {
         errors.into_result(settings)
     }
 
-    /// The module connection string text, or `None` when it is to be provisioned and
-    /// has not been yet. Parsing it is `identity`'s job.
-    pub fn module_credentials(&self) -> Result<Option<String>, ConfigErrors> {
-        let key = match &self.hub.credentials {
-            CredentialSource::Inline(_) => "hub.connection_string",
-            CredentialSource::File(_) => "hub.connection_string_file",
-            CredentialSource::SystemdCredential(_) => {
-                "$CREDENTIALS_DIRECTORY/module-connection-string"
-            }
-            CredentialSource::Provisioned(_) => "state.dir/module.connstr",
-        };
-        self.hub.credentials.read(key)
+    /// The module identity, read from its source and parsed, or `None` when it is to be
+    /// provisioned and has not been yet. A problem names the setting it came from.
+    pub fn module_identity(&self) -> Result<Option<ModuleCredentials>, ConfigErrors> {
+        let source = &self.hub.credentials;
+        source.read_as(credentials::module_key(source))
     }
 
-    /// The service (registry) connection string for provisioning, if one is configured.
+    /// [`Self::module_identity`] as connection string text (it contains the key).
+    pub fn module_credentials(&self) -> Result<Option<String>, ConfigErrors> {
+        Ok(self.module_identity()?.map(|c| c.to_connection_string()))
+    }
+
+    /// The service (registry) identity for provisioning, if one is configured.
+    pub fn service_identity(&self) -> Result<Option<ServiceCredentials>, ConfigErrors> {
+        match &self.provisioning.service_credentials {
+            Some(source) => source.read_as(credentials::service_key(source)),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Self::service_identity`] as connection string text (it contains the key).
     pub fn service_credentials(&self) -> Result<Option<String>, ConfigErrors> {
-        let Some(source) = &self.provisioning.service_credentials else {
-            return Ok(None);
-        };
-        let key = match source {
-            CredentialSource::Inline(_) => "provisioning.service_connection_string",
-            CredentialSource::File(_) => "provisioning.service_connection_string_file",
-            _ => "$CREDENTIALS_DIRECTORY/service-connection-string",
-        };
-        source.read(key)
+        Ok(self.service_identity()?.map(|c| c.to_connection_string()))
+    }
+
+    /// Reads and parses the credentials `edgetwin run` reads as it starts: the module
+    /// credential, and the service credential when first-boot provisioning is due.
+    /// `check-config` calls it after [`Self::load`] so that it refuses what `run` would.
+    /// `load` itself reads only inline ones, because the other commands that load the
+    /// config must work while a credential file is still missing or unreadable to them
+    /// (`edgetwin provision` is what writes the module credential).
+    pub fn check_credentials(&self) -> Result<(), ConfigErrors> {
+        if self.module_identity()?.is_some() {
+            return Ok(());
+        }
+        // `load` refuses both of these; reached only when a file vanished since.
+        if !self.provisioning.enabled {
+            return Err(ConfigErrors::single(
+                "hub.connection_string_file",
+                None,
+                "no module credentials, and [provisioning] is not enabled to create them",
+            ));
+        }
+        if self.service_identity()?.is_none() {
+            return Err(ConfigErrors::single(
+                "provisioning.service_connection_string_file",
+                None,
+                "provisioning is enabled but no service connection string is configured",
+            ));
+        }
+        Ok(())
     }
 
     /// The effective configuration as TOML, every secret replaced by `<redacted>`,

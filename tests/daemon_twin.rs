@@ -163,10 +163,10 @@ async fn reload_applies_a_new_schema_live() {
 async fn mqtt_over_websocket_reaches_the_hub() {
     let mut env = Env::start().await;
     let mut settings = env.settings("");
-    settings.hub.transport = edgetwin::config::Transport::MqttWs;
-    settings.hub.gateway_host = Some(edgetwin::config::GatewayHost {
+    settings.hub.transport = edgetwin::hub::options::HubTransport::MqttWs;
+    settings.hub.gateway_host = Some(edgetwin::hub::options::HostPort {
         host: "127.0.0.1".into(),
-        port: Some(env.sim().https_addr().port()),
+        port: env.sim().https_addr().port(),
     });
     let version = env.set_desired(json!({"telemetryInterval": 33}));
     let daemon = Daemon::start(settings).await;

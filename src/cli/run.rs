@@ -71,9 +71,12 @@ fn event(e: &AppError) -> &'static str {
     }
 }
 
-/// `edgetwin check-config`: validate, print the effective config with secrets redacted.
+/// `edgetwin check-config`: validate (reading the credentials `run` would read), print
+/// the effective config with secrets redacted.
 pub fn check_config(path: PathBuf) -> u8 {
-    match Settings::load(config_path(path).as_deref()) {
+    let checked = Settings::load(config_path(path).as_deref())
+        .and_then(|s| s.check_credentials().map(|()| s));
+    match checked {
         Ok(settings) => {
             print!("{}", settings.redacted_toml());
             exit::OK

@@ -338,10 +338,14 @@ fn service_client(args: &ServiceArgs) -> Result<RegistryClient, Failure> {
                 )
             })?,
     };
-    let ca_file = args
-        .ca_file
-        .clone()
-        .or_else(|| settings.as_ref().and_then(|s| s.hub.ca_file.clone()));
+    let ca_file = args.ca_file.clone().or_else(|| {
+        settings
+            .as_ref()?
+            .hub
+            .ca_file
+            .as_ref()
+            .map(|ca| ca.path().to_owned())
+    });
     Ok(RegistryClient::from_connection_string(
         &connstr,
         ca_file.as_deref(),

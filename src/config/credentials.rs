@@ -1,13 +1,16 @@
 //! Where connection strings come from, and reading them without ever showing them.
 //!
-//! `config` decides the [`CredentialSource`] at load time; [`CredentialSource::read`] is
-//! called later by whoever needs the text (the session, provisioning) and hands it to
-//! `identity` for parsing. Nothing here parses a connection string or prints one.
+//! `config` decides the [`CredentialSource`] at load time (parsing an inline one there);
+//! [`CredentialSource::read_as`] reads and parses it, with `identity`'s parser, when the
+//! daemon or `check-config` needs it. A problem names the setting and the file, never
+//! the content. Nothing here prints a connection string.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use super::errors::ConfigErrors;
+use crate::identity::ConnectionStringError;
 
 /// File name of the module credential in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
 pub const SYSTEMD_MODULE_CREDENTIAL: &str = "module-connection-string";
@@ -18,9 +21,19 @@ pub const PROVISIONED_MODULE_CREDENTIAL: &str = "module.connstr";
 
 pub(crate) const REDACTED: &str = "<redacted>";
 
-/// A secret string whose `Debug` and `Display` never show it.
-#[derive(Clone, PartialEq, Eq)]
+/// A secret string whose `Debug` and `Display` never show it. Compared by value (so a
+/// reload notices a changed one), in time independent of where two values differ.
+#[derive(Clone)]
 pub struct Secret(String);
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+    }
+}
+
+impl Eq for Secret {}
 
 impl Secret {
     pub fn new(text: impl Into<String>) -> Self {
@@ -88,6 +101,42 @@ impl CredentialSource {
             return Err(ConfigErrors::single(key, origin, "file is empty"));
         }
         Ok(Some(text.to_owned()))
+    }
+}
+
+impl CredentialSource {
+    /// [`Self::read`], then parsed as the connection string kind `T`. A parse problem
+    /// is named by `key` and, for a file, the file; the message never quotes the text.
+    pub fn read_as<T>(&self, key: &str) -> Result<Option<T>, ConfigErrors>
+    where
+        T: FromStr<Err = ConnectionStringError>,
+    {
+        let Some(text) = self.read(key)? else {
+            return Ok(None);
+        };
+        let origin = self.path().map(|p| p.display().to_string());
+        text.parse()
+            .map(Some)
+            .map_err(|e: ConnectionStringError| ConfigErrors::single(key, origin, e.to_string()))
+    }
+}
+
+/// The setting a module credential is named by in problems.
+pub fn module_key(source: &CredentialSource) -> &'static str {
+    match source {
+        CredentialSource::Inline(_) => "hub.connection_string",
+        CredentialSource::File(_) => "hub.connection_string_file",
+        CredentialSource::SystemdCredential(_) => "$CREDENTIALS_DIRECTORY/module-connection-string",
+        CredentialSource::Provisioned(_) => "state.dir/module.connstr",
+    }
+}
+
+/// The setting a service credential is named by in problems.
+pub fn service_key(source: &CredentialSource) -> &'static str {
+    match source {
+        CredentialSource::Inline(_) => "provisioning.service_connection_string",
+        CredentialSource::File(_) => "provisioning.service_connection_string_file",
+        _ => "$CREDENTIALS_DIRECTORY/service-connection-string",
     }
 }
 

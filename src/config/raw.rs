@@ -16,7 +16,8 @@ use figment::{Figment, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
 use super::errors::ConfigErrors;
-use super::{LogFormat, Transport};
+use super::LogFormat;
+use crate::hub::options::HubTransport;
 use crate::twin::{AckStyle, PropertyType, UnknownPolicy};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -36,7 +37,7 @@ pub struct RawConfig {
 pub struct RawHub {
     pub connection_string: String,
     pub connection_string_file: String,
-    pub transport: Transport,
+    pub transport: HubTransport,
     pub gateway_host: String,
     pub ca_file: String,
     pub sas_ttl: String,
@@ -50,7 +51,7 @@ impl Default for RawHub {
         RawHub {
             connection_string: String::new(),
             connection_string_file: String::new(),
-            transport: Transport::Mqtt,
+            transport: HubTransport::Mqtt,
             gateway_host: String::new(),
             ca_file: String::new(),
             sas_ttl: "1h".into(),

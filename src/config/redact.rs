@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::credentials::{CredentialSource, REDACTED};
 use super::{duration, Settings};
+use crate::hub::options::HttpProxy;
 
 pub(super) fn toml(s: &Settings) -> String {
     let mut out = String::new();
@@ -27,19 +28,15 @@ pub(super) fn toml(s: &Settings) -> String {
     line("\n[hub]".into());
     line(credential("connection_string", &h.credentials));
     line(format!("transport = {}", name(&h.transport)));
-    let gateway = h
-        .gateway_host
-        .as_ref()
-        .map_or(String::new(), |g| match g.port {
-            Some(port) if g.host.contains(':') => format!("[{}]:{port}", g.host),
-            Some(port) => format!("{}:{port}", g.host),
-            None => g.host.clone(),
-        });
-    line(format!("gateway_host = {}", quote(&gateway)));
+    let gateway = h.gateway_host.as_ref().map(ToString::to_string);
+    line(format!(
+        "gateway_host = {}",
+        quote(gateway.as_deref().unwrap_or(""))
+    ));
     let ca = h
         .ca_file
         .as_ref()
-        .map_or(String::new(), |p| p.display().to_string());
+        .map_or(String::new(), |ca| ca.path().display().to_string());
     line(format!("ca_file = {}", quote(&ca)));
     line(format!("sas_ttl = {}", quote(&duration::format(h.sas_ttl))));
     line(format!(
@@ -51,7 +48,7 @@ pub(super) fn toml(s: &Settings) -> String {
         quote(&duration::format(h.backoff.initial)),
         quote(&duration::format(h.backoff.max))
     ));
-    let proxy = h.proxy.as_ref().map_or(String::new(), |p| p.redacted());
+    let proxy = h.proxy.as_ref().map_or(String::new(), HttpProxy::redacted);
     line(format!("proxy = {}", quote(&proxy)));
 
     let p = &s.provisioning;

@@ -3,8 +3,13 @@
 //! Called only by `Settings::load`. Each check records its problem and carries on with a
 //! usable stand-in value, so one run reports everything; the stand-ins never leave
 //! `load`, because any recorded problem makes it return the errors instead.
+//!
+//! Each value is parsed here by the parser of the type the daemon uses (the hub's
+//! `HostPort`, `HttpProxy`, `CaBundle`, `identity`'s connection strings), never by a
+//! looser look-alike, so nothing `load` accepts is refused later by `run`.
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use super::credentials::{self, CredentialSource};
@@ -12,9 +17,13 @@ use super::duration;
 use super::errors::ConfigErrors;
 use super::raw::{Layers, RawConfig, RawProperty};
 use super::{
-    Backoff, GatewayHost, HookSettings, HubSettings, LogSettings, ProvisioningSettings, Proxy,
-    Settings, StateSettings, TelemetrySettings, TwinSettings,
+    HookSettings, HubSettings, LogSettings, ProvisioningSettings, Settings, StateSettings,
+    TelemetrySettings, TwinSettings,
 };
+use crate::hub::backoff::BackoffPolicy;
+use crate::hub::options::{HostPort, HttpProxy};
+use crate::hub::tls::CaBundle;
+use crate::identity::{ConnectionStringError, ModuleCredentials, ServiceCredentials};
 use crate::twin::{PropertySpec, Schema};
 
 /// Below a minute, renewal at 80 % would reconnect every few seconds.
@@ -46,6 +55,19 @@ pub(super) fn settings(raw: RawConfig, layers: &Layers, errors: &mut ConfigError
     let state_dir = state_dir(&mut check, &raw.state.dir);
     let provisioning = provisioning(&mut check, &raw);
     let hub = hub(&mut check, &raw, &state_dir, provisioning.enabled);
+    // The service credential is used only while the module one is still to be
+    // provisioned; after that it may well be gone (README: shred it after first boot).
+    let provisioning_due =
+        matches!(&hub.credentials, CredentialSource::Provisioned(p) if !p.exists());
+    if provisioning.enabled && provisioning_due {
+        if let Some(source) = &provisioning.service_credentials {
+            inline_credential::<ServiceCredentials>(
+                &mut check,
+                source,
+                credentials::service_key(source),
+            );
+        }
+    }
     let twin = twin(&mut check, &raw);
     let log = log(&mut check, &raw);
     Settings {
@@ -61,6 +83,20 @@ pub(super) fn settings(raw: RawConfig, layers: &Layers, errors: &mut ConfigError
             on_change: non_empty(&raw.hooks.on_change).map(str::to_owned),
         },
         log,
+    }
+}
+
+/// An inline connection string is config text: parse it now, as `run` will. Files are
+/// read by `Settings::check_credentials` (see the `config` module documentation).
+fn inline_credential<T: FromStr<Err = ConnectionStringError>>(
+    check: &mut Check,
+    source: &CredentialSource,
+    key: &str,
+) {
+    if let CredentialSource::Inline(secret) = source {
+        if let Err(e) = secret.expose().parse::<T>() {
+            check.fail(key, e.to_string());
+        }
     }
 }
 
@@ -103,6 +139,7 @@ fn hub(check: &mut Check, raw: &RawConfig, state_dir: &Path, provisioning: bool)
         );
     }
     let credentials = chosen.unwrap_or(CredentialSource::Provisioned(provisioned));
+    inline_credential::<ModuleCredentials>(check, &credentials, "hub.connection_string");
 
     let sas_ttl = check.duration("hub.sas_ttl", &h.sas_ttl, MIN_SAS_TTL);
     if sas_ttl < MIN_SAS_TTL {
@@ -132,71 +169,32 @@ fn hub(check: &mut Check, raw: &RawConfig, state_dir: &Path, provisioning: bool)
         );
     }
 
+    let transport = h.transport;
     let gateway_host = non_empty(&h.gateway_host).and_then(|text| {
-        parse_host_port(text)
-            .map_err(|e| check.fail("hub.gateway_host", e))
+        HostPort::parse(text, transport.default_port())
+            .map_err(|e| check.fail("hub.gateway_host", e.to_string()))
             .ok()
     });
-    let ca_file = non_empty(&h.ca_file).map(PathBuf::from);
-    if let Some(ca) = &ca_file {
-        if !ca.is_file() {
-            check.fail(
-                "hub.ca_file",
-                format!("{} is not a readable file", ca.display()),
-            );
-        }
-    }
-    let proxy = non_empty(&h.proxy).map(|p| Proxy(p.to_owned()));
-    if let Some(proxy) = &proxy {
-        let host = proxy.url().strip_prefix("http://").unwrap_or("");
-        if host.trim_end_matches('/').is_empty() {
-            check.fail(
-                "hub.proxy",
-                "must be an http:// URL such as \"http://proxy:3128\"",
-            );
-        }
-    }
+    let ca_file = non_empty(&h.ca_file).and_then(|path| {
+        CaBundle::read(Path::new(path))
+            .map_err(|e| check.fail("hub.ca_file", e.to_string()))
+            .ok()
+    });
+    let proxy = non_empty(&h.proxy).and_then(|url| {
+        HttpProxy::parse(url)
+            .map_err(|e| check.fail("hub.proxy", e.to_string()))
+            .ok()
+    });
     HubSettings {
         credentials,
-        transport: h.transport,
+        transport,
         gateway_host,
         ca_file,
         sas_ttl,
         keep_alive,
-        backoff: Backoff { initial, max },
+        backoff: BackoffPolicy { initial, max },
         proxy,
     }
-}
-
-fn parse_host_port(text: &str) -> Result<GatewayHost, String> {
-    let bad = || format!("{text:?} is not host or host:port");
-    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
-        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
-        let port = match after {
-            "" => None,
-            p => Some(p.strip_prefix(':').ok_or_else(bad)?),
-        };
-        (host, port)
-    } else {
-        match text.split_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (text, None),
-        }
-    };
-    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || "/@?#[]".contains(c)) {
-        return Err(bad());
-    }
-    let port = match port {
-        None => None,
-        Some(p) => match p.parse::<u16>() {
-            Ok(p) if p > 0 => Some(p),
-            _ => return Err(format!("{text:?} has an invalid port")),
-        },
-    };
-    Ok(GatewayHost {
-        host: host.to_owned(),
-        port,
-    })
 }
 
 fn provisioning(check: &mut Check, raw: &RawConfig) -> ProvisioningSettings {
@@ -231,6 +229,12 @@ fn provisioning(check: &mut Check, raw: &RawConfig) -> ProvisioningSettings {
         check.fail(
             "provisioning.device_id",
             "not set, and the hostname could not be read",
+        );
+    }
+    if p.enabled && p.module_id.trim().is_empty() {
+        check.fail(
+            "provisioning.module_id",
+            "must be set when provisioning is enabled",
         );
     }
     for (key, id) in [
@@ -318,7 +322,8 @@ fn check_property_name(name: &str) -> Result<(), String> {
 
 fn log(check: &mut Check, raw: &RawConfig) -> LogSettings {
     let level = raw.log.level.trim().to_owned();
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+    // The parser `logging` installs the level with, so a level accepted here is applied.
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
         check.fail("log.level", format!("not a level or filter directive: {e}"));
     }
     LogSettings {
@@ -330,28 +335,6 @@ fn log(check: &mut Check, raw: &RawConfig) -> LogSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn gateway_host_accepts_host_and_host_port() {
-        assert_eq!(
-            parse_host_port("gw.local:8883"),
-            Ok(GatewayHost {
-                host: "gw.local".into(),
-                port: Some(8883)
-            })
-        );
-        assert_eq!(
-            parse_host_port("[::1]:443"),
-            Ok(GatewayHost {
-                host: "::1".into(),
-                port: Some(443)
-            })
-        );
-        assert_eq!(parse_host_port("gw").unwrap().port, None);
-        for bad in ["gw:0", "gw:x", ":1", "http://gw", "gw:1:2"] {
-            assert!(parse_host_port(bad).is_err(), "{bad} accepted");
-        }
-    }
 
     #[test]
     fn identity_names_follow_hub_rules() {

@@ -2,26 +2,119 @@
 //! identity (client id, user name, SAS password; PROTOCOL §3.2–3.3), the TCP/TLS or
 //! WebSocket target with SNI on its host part, and an optional HTTP CONNECT proxy.
 //!
+//! It also owns the connection vocabulary that `config` validation produces and hands
+//! over unchanged: [`HubTransport`], [`HostPort`] and [`HttpProxy`], each with its one
+//! parser, so what `check-config` accepts is exactly what the session is built from.
+//!
 //! Used by [`super::session`] when it (re)connects. Pure construction of rumqttc options:
 //! no I/O. The SAS token it signs goes into the options only, never into a log.
 
+use std::fmt;
+use std::net::Ipv6Addr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rumqttc::tokio_rustls::rustls;
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
+use serde::{Deserialize, Serialize};
 
 use super::backoff::BackoffPolicy;
 use crate::identity::ModuleCredentials;
 
 pub const API_VERSION: &str = "2021-04-12";
+/// Port of an HTTP proxy URL that names none: 8080, the usual HTTP proxy port.
+pub const DEFAULT_PROXY_PORT: u16 = 8080;
 
-/// `transport` in config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// `hub.transport`: how MQTT is carried to the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum HubTransport {
+    /// MQTT over TLS, port 8883.
     #[default]
+    #[serde(rename = "mqtt")]
     Mqtt,
+    /// MQTT over WebSocket over TLS, port 443 (for networks that only pass HTTPS).
+    #[serde(rename = "mqtt-ws")]
     MqttWs,
+}
+
+impl HubTransport {
+    /// The port used when the target names none.
+    pub const fn default_port(self) -> u16 {
+        match self {
+            HubTransport::Mqtt => 8883,
+            HubTransport::MqttWs => 443,
+        }
+    }
+}
+
+/// A TCP target: a host name or IP address (an IPv6 address without its brackets) and
+/// the port, always resolved (the caller's default applied when the text named none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+/// Why a `host[:port]` was refused; the text is only ever a host and port, no secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostPortError {
+    #[error("{0:?} is not host, host:port or [ipv6]:port")]
+    Malformed(String),
+    #[error("{0:?} has an invalid port (1..65535)")]
+    Port(String),
+}
+
+impl HostPort {
+    /// Parses `host`, `host:port` or `[v6addr][:port]`, taking `default_port` when no
+    /// port is written. A bare IPv6 address is refused: without brackets its last group
+    /// could be a port.
+    pub fn parse(text: &str, default_port: u16) -> Result<HostPort, HostPortError> {
+        let bad = || HostPortError::Malformed(text.to_owned());
+        // A URL or `user@host` is not a host, whatever its colon suggests.
+        let forbidden = |c: char| c.is_whitespace() || c.is_control() || "/@?#".contains(c);
+        if text.contains(forbidden) {
+            return Err(bad());
+        }
+        let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+            let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+            host.parse::<Ipv6Addr>().map_err(|_| bad())?;
+            let port = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or_else(bad)?),
+            };
+            (host, port)
+        } else {
+            match text.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (text, None),
+            }
+        };
+        if host.is_empty() || host.contains(['[', ']']) {
+            return Err(bad());
+        }
+        let port = match port {
+            None => default_port,
+            Some(p) => match p.parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => return Err(HostPortError::Port(text.to_owned())),
+            },
+        };
+        Ok(HostPort {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+/// `host:port`, `[v6addr]:port` for IPv6: what [`HostPort::parse`] reads back.
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// Everything the session needs, built by the app from `Settings`.
@@ -29,8 +122,8 @@ pub enum HubTransport {
 pub struct SessionConfig {
     pub credentials: ModuleCredentials,
     pub transport: HubTransport,
-    /// TCP/TLS target (`host` or `host:port`) when it is not the hub's HostName.
-    pub gateway_host: Option<String>,
+    /// TCP/TLS target when it is not the connection string's host.
+    pub gateway_host: Option<HostPort>,
     pub tls: Arc<rustls::ClientConfig>,
     pub sas_ttl: Duration,
     pub keep_alive: Duration,
@@ -41,35 +134,55 @@ pub struct SessionConfig {
     pub proxy: Option<HttpProxy>,
 }
 
-/// An HTTP CONNECT proxy: `http://[user:password@]host[:port]`. `Debug` hides the password.
+/// An HTTP CONNECT proxy: `http://[user[:password]@]host[:port][/]`. `Debug` and
+/// [`HttpProxy::redacted`] hide the user information.
 #[derive(Clone, PartialEq, Eq)]
 pub struct HttpProxy {
-    pub host: String,
-    pub port: u16,
+    pub address: HostPort,
+    /// User name and password, percent-decoded.
     pub basic_auth: Option<(String, String)>,
 }
 
-impl std::fmt::Debug for HttpProxy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}:{}", self.host, self.port)
+/// Why a proxy URL was refused. Never carries the user information.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("only http:// proxies are supported, such as \"http://proxy:3128\"")]
+    NotHttp,
+    #[error("a proxy URL is scheme, host and port only; remove the path, query or fragment")]
+    Path,
+    #[error("the proxy URL has no host")]
+    NoHost,
+    #[error("proxy address: {0}")]
+    Address(HostPortError),
+}
+
+impl fmt::Debug for HttpProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
     }
 }
 
 impl HttpProxy {
     /// Parses a proxy URL; only `http://` is supported (the tunnel carries TLS anyway).
-    pub fn parse(url: &str) -> Result<HttpProxy, String> {
+    pub fn parse(url: &str) -> Result<HttpProxy, ProxyError> {
         let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| "only http:// proxies are supported".to_owned())?;
-        let authority = rest.split('/').next().unwrap_or_default();
+            .get(..7)
+            .filter(|scheme| scheme.eq_ignore_ascii_case("http://"))
+            .map(|_| &url[7..])
+            .ok_or(ProxyError::NotHttp)?;
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        if !tail.is_empty() && tail != "/" {
+            return Err(ProxyError::Path);
+        }
         let (userinfo, hostport) = match authority.rsplit_once('@') {
             Some((user, host)) => (Some(user), host),
             None => (None, authority),
         };
-        let (host, port) = split_host_port(hostport, 8080);
-        if host.is_empty() {
-            return Err("the proxy URL has no host".into());
+        if hostport.is_empty() {
+            return Err(ProxyError::NoHost);
         }
+        let address = HostPort::parse(hostport, DEFAULT_PROXY_PORT).map_err(ProxyError::Address)?;
         let decode = |s: &str| {
             percent_encoding::percent_decode_str(s)
                 .decode_utf8_lossy()
@@ -80,10 +193,22 @@ impl HttpProxy {
             None => (decode(u), String::new()),
         });
         Ok(HttpProxy {
-            host,
-            port,
+            address,
             basic_auth,
         })
+    }
+
+    /// The URL with any user information replaced, for logs and `check-config`; valid
+    /// config again (it parses back to the same address).
+    pub fn redacted(&self) -> String {
+        match self.basic_auth {
+            Some(_) => format!(
+                "http://{}@{}",
+                crate::config::credentials::REDACTED,
+                self.address
+            ),
+            None => format!("http://{}", self.address),
+        }
     }
 }
 
@@ -113,50 +238,36 @@ pub(super) fn credentials(config: &SessionConfig) -> (String, String) {
     )
 }
 
-/// Splits `host` or `host:port` (IPv6 in brackets) into host and port.
-pub fn split_host_port(target: &str, default_port: u16) -> (String, u16) {
-    if let Some(rest) = target.strip_prefix('[') {
-        if let Some((host, tail)) = rest.split_once(']') {
-            let port = tail
-                .strip_prefix(':')
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(default_port);
-            return (host.to_owned(), port);
-        }
+/// Where the connection goes: `gateway_host` from config, else the connection string's
+/// `GatewayHostName` or `HostName` on the transport's port.
+pub fn target(config: &SessionConfig) -> HostPort {
+    if let Some(gateway) = &config.gateway_host {
+        return gateway.clone();
     }
-    match target.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => match port.parse() {
-            Ok(port) => (host.to_owned(), port),
-            Err(_) => (target.to_owned(), default_port),
-        },
-        _ => (target.to_owned(), default_port),
-    }
+    let host = config.credentials.connect_host();
+    let port = config.transport.default_port();
+    // Hub and gateway names carry no port; one that does not parse is still tried as
+    // written, and the resolver names the problem.
+    HostPort::parse(host, port).unwrap_or_else(|_| HostPort {
+        host: host.to_owned(),
+        port,
+    })
 }
 
 pub(super) fn mqtt_options(config: &SessionConfig) -> MqttOptions {
     let creds = &config.credentials;
     let client_id = format!("{}/{}", creds.device_id, creds.module_id);
-    let target = config
-        .gateway_host
-        .as_deref()
-        .unwrap_or_else(|| creds.connect_host());
+    let target = target(config);
     let tls = TlsConfiguration::Rustls(config.tls.clone());
     let mut opts = match config.transport {
         HubTransport::Mqtt => {
-            let (host, port) = split_host_port(target, 8883);
-            let mut o = MqttOptions::new(client_id, host, port);
+            let mut o = MqttOptions::new(client_id, target.host, target.port);
             o.set_transport(Transport::tls_with_config(tls));
             o
         }
         HubTransport::MqttWs => {
-            let (host, port) = split_host_port(target, 443);
-            let host = if host.contains(':') {
-                format!("[{host}]")
-            } else {
-                host
-            };
-            let url = format!("wss://{host}:{port}/$iothub/websocket");
-            let mut o = MqttOptions::new(client_id, url, port);
+            let url = format!("wss://{target}/$iothub/websocket");
+            let mut o = MqttOptions::new(client_id, url, target.port);
             o.set_transport(Transport::wss_with_config(tls));
             o
         }
@@ -171,8 +282,8 @@ pub(super) fn mqtt_options(config: &SessionConfig) -> MqttOptions {
                 },
                 None => rumqttc::ProxyAuth::None,
             },
-            addr: proxy.host.clone(),
-            port: proxy.port,
+            addr: proxy.address.host.clone(),
+            port: proxy.address.port,
         });
     }
     opts.set_clean_session(false)
@@ -185,40 +296,150 @@ pub(super) fn mqtt_options(config: &SessionConfig) -> MqttOptions {
 mod tests {
     use super::*;
 
+    const MODULE: &str = "HostName=h.example;DeviceId=d1;ModuleId=m1;SharedAccessKey=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+    fn host_port(host: &str, port: u16) -> HostPort {
+        HostPort {
+            host: host.into(),
+            port,
+        }
+    }
+
     #[test]
-    fn host_port_targets_split_with_defaults() {
+    fn host_port_targets_parse_with_the_default_port() {
         assert_eq!(
-            split_host_port("127.0.0.1:4321", 8883),
-            ("127.0.0.1".into(), 4321)
+            HostPort::parse("127.0.0.1:4321", 8883),
+            Ok(host_port("127.0.0.1", 4321))
         );
         assert_eq!(
-            split_host_port("hub.example", 8883),
-            ("hub.example".into(), 8883)
+            HostPort::parse("hub.example", 8883),
+            Ok(host_port("hub.example", 8883))
         );
-        assert_eq!(split_host_port("[::1]:99", 8883), ("::1".into(), 99));
-        assert_eq!(split_host_port("[::1]", 443), ("::1".into(), 443));
+        assert_eq!(HostPort::parse("[::1]:99", 8883), Ok(host_port("::1", 99)));
+        assert_eq!(HostPort::parse("[::1]", 443), Ok(host_port("::1", 443)));
+    }
+
+    #[test]
+    fn host_port_refuses_what_is_not_a_host_and_port() {
+        for bad in [
+            "",
+            ":1",
+            "http://gw",
+            "::1",
+            "[::1",
+            "[gw]:1",
+            "[::1]x",
+            "g w",
+            "u@gw",
+        ] {
+            assert!(
+                matches!(HostPort::parse(bad, 1), Err(HostPortError::Malformed(_))),
+                "{bad:?} accepted"
+            );
+        }
+        for bad in ["gw:", "gw:0", "gw:x", "gw:65536", "gw:1:2", "[::1]:-1"] {
+            assert_eq!(
+                HostPort::parse(bad, 1),
+                Err(HostPortError::Port(bad.into())),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn host_port_displays_what_it_parses_back() {
+        for text in ["gw.local:8883", "10.0.0.1:1", "[fe80::1]:443"] {
+            let parsed = HostPort::parse(text, 1).unwrap();
+            assert_eq!(parsed.to_string(), text);
+            assert_eq!(HostPort::parse(&parsed.to_string(), 2), Ok(parsed));
+        }
+    }
+
+    #[test]
+    fn transports_name_their_default_ports() {
+        assert_eq!(HubTransport::Mqtt.default_port(), 8883);
+        assert_eq!(HubTransport::MqttWs.default_port(), 443);
     }
 
     #[test]
     fn proxy_urls_parse_with_optional_credentials() {
         let p = HttpProxy::parse("http://proxy.lan:3128").unwrap();
         assert_eq!(
-            (p.host.as_str(), p.port, p.basic_auth),
-            ("proxy.lan", 3128, None)
+            (p.address, p.basic_auth),
+            (host_port("proxy.lan", 3128), None)
         );
         let p = HttpProxy::parse("http://u%40x:s3cret@10.0.0.1:8000/").unwrap();
         assert_eq!(p.basic_auth, Some(("u@x".into(), "s3cret".into())));
-        assert!(!format!("{p:?}").contains("s3cret"));
-        assert_eq!(HttpProxy::parse("http://p").unwrap().port, 8080);
-        assert!(HttpProxy::parse("socks5://p:1").is_err());
+        assert_eq!(HttpProxy::parse("http://p").unwrap().address.port, 8080);
+        assert_eq!(
+            HttpProxy::parse("HTTP://[::1]:3128").unwrap().address,
+            host_port("::1", 3128)
+        );
+    }
+
+    #[test]
+    fn proxy_urls_that_run_could_not_use_are_refused_without_echoing_the_password() {
+        let cases = [
+            ("socks5://p:1", ProxyError::NotHttp),
+            ("https://p:1", ProxyError::NotHttp),
+            ("proxy:3128", ProxyError::NotHttp),
+            ("http://", ProxyError::NoHost),
+            ("http://user:pw@", ProxyError::NoHost),
+            ("http://p:3128/squid", ProxyError::Path),
+            ("http://p:3128?x=1", ProxyError::Path),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(HttpProxy::parse(url), Err(expected), "{url}");
+        }
+        let e = HttpProxy::parse("http://user:hunter2@proxy:notaport").unwrap_err();
+        assert!(
+            matches!(e, ProxyError::Address(HostPortError::Port(_))),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn proxy_debug_and_redacted_hide_the_user_information() {
+        let p = HttpProxy::parse("http://user:hunter2@proxy:3128").unwrap();
+        for shown in [format!("{p:?}"), p.redacted()] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(!shown.contains("user"), "{shown}");
+        }
+        assert_eq!(p.redacted(), "http://<redacted>@proxy:3128");
+        assert_eq!(
+            HttpProxy::parse("http://proxy").unwrap().redacted(),
+            "http://proxy:8080"
+        );
+    }
+
+    #[test]
+    fn target_is_the_gateway_host_else_the_hub_on_the_transport_port() {
+        let mut config = SessionConfig {
+            credentials: MODULE.parse().unwrap(),
+            transport: HubTransport::MqttWs,
+            gateway_host: None,
+            tls: crate::hub::tls::client_config(None),
+            sas_ttl: Duration::from_secs(3600),
+            keep_alive: Duration::from_secs(60),
+            backoff: BackoffPolicy::default(),
+            twin_timeout: Duration::from_secs(10),
+            proxy: None,
+        };
+        assert_eq!(target(&config), host_port("h.example", 443));
+        config.transport = HubTransport::Mqtt;
+        assert_eq!(target(&config), host_port("h.example", 8883));
+        config.gateway_host = Some(host_port("::1", 1884));
+        assert_eq!(target(&config), host_port("::1", 1884));
+        assert_eq!(
+            mqtt_options(&config).broker_address(),
+            ("::1".to_owned(), 1884)
+        );
     }
 
     #[test]
     fn user_name_follows_protocol_3_3() {
-        let creds: ModuleCredentials =
-            "HostName=h.example;DeviceId=d1;ModuleId=m1;SharedAccessKey=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
-                .parse()
-                .unwrap();
+        let creds: ModuleCredentials = MODULE.parse().unwrap();
         assert_eq!(
             user_name(&creds),
             format!(

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::config::Settings;
+use crate::hub::tls::CaBundle;
 use crate::identity::{ModuleCredentials, SharedKey};
 use crate::registry::{ClientSetupError, RegistryClient, RegistryError};
 
@@ -191,8 +192,8 @@ impl Plan {
                      service-connection-string)",
                 )
             })?;
-        let ca_file = ca_file.or(settings.hub.ca_file.as_deref());
-        let client = RegistryClient::from_connection_string(&connstr, ca_file)?;
+        let configured_ca = settings.hub.ca_file.as_ref().map(CaBundle::path);
+        let client = RegistryClient::from_connection_string(&connstr, ca_file.or(configured_ca))?;
         Ok(Plan {
             host_name: hub_host_name(client.host_name()).to_owned(),
             client,
