@@ -1,19 +1,16 @@
-//! Disk trouble for the fault suite: the daemon's state directory on a small tmpfs that
-//! can be remounted read-only or filled up (needs root, as in CI); without root, a
-//! `chmod 0555` of the directory stands in for read-only and "full" is not tried.
+//! Disk trouble that needs root, for the fault suite: the daemon's state directory on a
+//! small tmpfs that can be remounted read-only or filled up. Root ignores file modes, so
+//! nothing short of a mount makes a directory read-only for it. Without root or without
+//! mount rights [`Tmpfs::mount`] fails the test and says why; it never skips.
 #![allow(dead_code)]
 
 use std::io::Write as _;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// How the state directory can be made to fail.
-pub enum Disk {
-    /// A tmpfs mounted on the directory; unmounted on drop.
-    Tmpfs { path: PathBuf },
-    /// Permissions only (not root): read-only by `chmod`.
-    Chmod { path: PathBuf },
+/// A tmpfs mounted on a directory; unmounted on drop.
+pub struct Tmpfs {
+    path: PathBuf,
 }
 
 fn is_root() -> bool {
@@ -27,66 +24,52 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn run(args: &[&str]) -> bool {
-    Command::new(args[0])
+/// Runs a command; `Err` carries what it said when it failed.
+fn run(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
         .args(&args[1..])
-        .status()
-        .is_ok_and(|s| s.success())
+        .output()
+        .map_err(|e| format!("{}: {e}", args[0]))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
-impl Disk {
-    /// Puts a `size_kib` tmpfs on `path` (empty directory) when root, else falls back to
-    /// permissions; `None` when neither can fail the disk (root without mount rights).
-    pub fn prepare(path: &Path, size_kib: u32) -> Option<Disk> {
+impl Tmpfs {
+    /// Mounts a `size_kib` tmpfs on `path` (an empty directory).
+    pub fn mount(path: &Path, size_kib: u32) -> Tmpfs {
+        assert!(
+            is_root(),
+            "this test needs root: it mounts a tmpfs on the state directory \
+             (run it as root, as scripts/test in CI does)"
+        );
         let p = path.to_str().expect("utf-8 path");
-        if is_root() {
-            let size = format!("size={size_kib}k,mode=0700");
-            if run(&["mount", "-t", "tmpfs", "-o", &size, "tmpfs", p]) {
-                return Some(Disk::Tmpfs {
-                    path: path.to_owned(),
-                });
-            }
-            return None;
+        let options = format!("size={size_kib}k,mode=0700");
+        if let Err(e) = run(&["mount", "-t", "tmpfs", "-o", &options, "tmpfs", p]) {
+            panic!("root without mount rights cannot run this test: {e}");
         }
-        Some(Disk::Chmod {
+        Tmpfs {
             path: path.to_owned(),
-        })
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Disk::Tmpfs { .. } => "tmpfs",
-            Disk::Chmod { .. } => "chmod",
         }
-    }
-
-    pub fn can_fill(&self) -> bool {
-        matches!(self, Disk::Tmpfs { .. })
     }
 
     pub fn read_only(&self, ro: bool) {
-        match self {
-            Disk::Tmpfs { path } => {
-                let opt = if ro { "remount,ro" } else { "remount,rw" };
-                assert!(
-                    run(&["mount", "-o", opt, path.to_str().expect("utf-8")]),
-                    "mount -o {opt}"
-                );
-            }
-            Disk::Chmod { path } => {
-                let mode = if ro { 0o555 } else { 0o700 };
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-                    .expect("chmod state dir");
-            }
+        let opt = if ro { "remount,ro" } else { "remount,rw" };
+        if let Err(e) = run(&["mount", "-o", opt, self.path.to_str().expect("utf-8")]) {
+            panic!("{e}");
         }
     }
 
     /// Fills the file system; returns the filler to remove when the disk "recovers".
     pub fn fill(&self) -> PathBuf {
-        let Disk::Tmpfs { path } = self else {
-            panic!("only a tmpfs can be filled");
-        };
-        let filler = path.join("filler");
+        let filler = self.path.join("filler");
         let mut f = std::fs::File::create(&filler).expect("filler");
         let block = vec![0u8; 4096];
         while f.write_all(&block).is_ok() {}
@@ -95,15 +78,8 @@ impl Disk {
     }
 }
 
-impl Drop for Disk {
+impl Drop for Tmpfs {
     fn drop(&mut self) {
-        match self {
-            Disk::Tmpfs { path } => {
-                run(&["umount", "-l", path.to_str().unwrap_or_default()]);
-            }
-            Disk::Chmod { path } => {
-                let _ = std::fs::set_permissions(&*path, std::fs::Permissions::from_mode(0o700));
-            }
-        }
+        let _ = run(&["umount", "-l", self.path.to_str().unwrap_or_default()]);
     }
 }

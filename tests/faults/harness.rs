@@ -238,6 +238,11 @@ impl Monitor {
         let bytes = match std::fs::read(&self.path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            // A scenario swapped the state directory for a file: nothing to read until it
+            // is put back (an ack meanwhile is still caught: it finds nothing on disk).
+            Err(e) if rustix::io::Errno::from_io_error(&e) == Some(rustix::io::Errno::NOTDIR) => {
+                return None
+            }
             Err(e) => {
                 let mut st = self.stats.lock().unwrap();
                 st.reads += 1;
