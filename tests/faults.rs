@@ -16,8 +16,9 @@
 //!
 //! Two scenarios are `#[ignore]`d so that a plain `cargo test` never passes them without
 //! running them:
-//! - the tmpfs half of scenario 7 needs root (scripts/test runs it, as root, in CI):
-//!   `cargo test -p edgetwin --test faults -- --ignored --exact s7_root_no_ack_while_the_disk_is_read_only_or_full`
+//! - the tmpfs half of scenario 7 (faults/disk.rs) needs root (scripts/test runs it, as
+//!   root, in CI):
+//!   `cargo test -p edgetwin --test faults -- --ignored --exact disk::s7_root_no_ack_while_the_disk_is_read_only_or_full`
 //! - scenario 8, the long run with RSS sampling (`EDGETWIN_FAULT_LONG_SECS`, default 600):
 //!   `EDGETWIN_FAULT_PROFILE=long cargo test -p edgetwin --test faults -- --ignored --exact s8_long_run_memory_stays_flat --nocapture`
 
@@ -31,17 +32,14 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use daemon_support::fault::StateDirSwapped;
-use daemon_support::{acks_at_least, Daemon, Env, WAIT};
+use daemon_support::{Daemon, Env, WAIT};
 use edgetwin::app::{AppError, TWIN_TIMEOUT};
-use edgetwin::twin::StateFile;
 use edgetwin_sim::SimEvent;
 use harness::{
     capture_logs, check_invariant, converge, logged, max_av, next_event, rng, Figures, Monitor,
     Profile, Stream,
 };
 use rand::Rng;
-use serde_json::json;
 
 /// Env, monitor (watching the hub and the daemon) and a running daemon.
 async fn setup(
@@ -483,132 +481,6 @@ async fn s6_daemon_sigkilled_during_a_patch_stream() {
         restarts.iter().sum::<Duration>().as_millis() / restarts.len().max(1) as u128,
     );
     check_invariant(&env, &monitor, &mut figures);
-}
-
-/// With a disk fault injected on a settled daemon: sends a few patches and shows that the last is put in force
-/// but none is acknowledged (`getState`, answered after the agent handled them, reaches
-/// the hub before any ack of them could), that the failed write is logged, and that
-/// `state.json` (read by `on_disk`) is still behind them. Returns the last version.
-async fn held_while_unpersisted(
-    env: &mut Env,
-    stream: &mut Stream,
-    fault: &str,
-    on_disk: impl Fn() -> Option<u64>,
-) -> u64 {
-    let failures = logged("persist_failed");
-    let first = stream.send(env);
-    let more = stream.rng.gen_range(0..3);
-    let v = stream.send_n(env, more);
-    let (seen, state) = env.get_state_marker().await;
-    assert_eq!(state["desiredVersion"], json!(v), "{fault}: v{v} in force");
-    assert!(
-        state["pendingReported"].as_u64() >= Some(1),
-        "{fault}: the ack is outstanding: {state}"
-    );
-    let early: Vec<_> = seen.iter().filter(|e| acks_at_least(e, first)).collect();
-    assert!(
-        early.is_empty(),
-        "{fault}: v{first}..=v{v} acknowledged though not persisted: {early:?}"
-    );
-    assert!(
-        logged("persist_failed") > failures,
-        "{fault}: the failed write is logged"
-    );
-    let disk = on_disk();
-    assert!(disk < Some(first), "{fault}: state.json at {disk:?}");
-    v
-}
-
-fn version_in(state_file: &Path) -> Option<u64> {
-    let bytes = std::fs::read(state_file).ok()?;
-    StateFile::parse(&bytes, daemon_support::DEVICE, daemon_support::MODULE)
-        .ok()?
-        .desired_version
-}
-
-/// Scenario 7, without privileges (runs everywhere, as root too): the state directory is
-/// swapped for a regular file, so every write under it fails with ENOTDIR. The daemon puts
-/// the patches in force but sends no ack for what is not on disk, says so
-/// (`persist_failed`), and acknowledges once the directory is back.
-#[tokio::test]
-async fn s7_no_ack_while_the_state_dir_is_unusable() {
-    let profile = Profile::from_env();
-    let mut figures = Figures::new("7-state-dir-unusable", profile);
-    let (mut env, monitor, daemon) = setup(|env| env.settings("")).await;
-    let mut stream = Stream::new(rng("7"));
-    let warm = stream.send_n(&env, 3);
-    converge(&mut env, &monitor, warm).await;
-
-    for _ in 0..profile.pick(2, 10) {
-        env.settled().await;
-        let swapped = StateDirSwapped::swap(env.state_dir.path());
-        figures.faults += 1;
-        let parked = swapped.parked_state_file();
-        let v = held_while_unpersisted(&mut env, &mut stream, "state dir is a file", || {
-            version_in(&parked)
-        })
-        .await;
-        let t = Instant::now();
-        swapped.restore();
-        converge(&mut env, &monitor, v).await;
-        figures.recoveries.push(t.elapsed());
-    }
-    let last = stream.send(&env);
-    converge(&mut env, &monitor, last).await;
-    figures.patches = stream.sent;
-    figures.note("persist_failed_logged", logged("persist_failed"));
-    daemon.stop().await.expect("clean stop");
-    check_invariant(&env, &monitor, &mut figures);
-}
-
-/// Scenario 7 on a real file system (needs root, as in CI: scripts/test runs it): the
-/// state directory is a 256 KiB tmpfs, remounted read-only (EROFS), then filled up
-/// (ENOSPC). Same promise: no ack until the state is on disk.
-#[tokio::test]
-#[ignore = "needs root: mounts a tmpfs (scripts/test runs it)"]
-async fn s7_root_no_ack_while_the_disk_is_read_only_or_full() {
-    let profile = Profile::from_env();
-    let mut figures = Figures::new("7-disk-read-only-or-full", profile);
-    capture_logs();
-    let mut env = Env::start().await;
-    // Declared after `env`: unmounted before the directory is removed.
-    let disk = disk::Tmpfs::mount(env.state_dir.path(), 256);
-    let (monitor, daemon) = start_watched(&mut env, |env| env.settings("")).await;
-    let mut stream = Stream::new(rng("7-root"));
-    let warm = stream.send_n(&env, 3);
-    converge(&mut env, &monitor, warm).await;
-
-    for _ in 0..profile.pick(1, 5) {
-        for mode in ["read-only", "full"] {
-            env.settled().await;
-            let filler = if mode == "full" {
-                Some(disk.fill())
-            } else {
-                disk.read_only(true);
-                None
-            };
-            figures.faults += 1;
-            let v = held_while_unpersisted(&mut env, &mut stream, mode, || {
-                monitor.read().and_then(|f| f.desired_version)
-            })
-            .await;
-            let t = Instant::now();
-            match filler {
-                Some(f) => std::fs::remove_file(f).expect("filler removed"),
-                None => disk.read_only(false),
-            }
-            converge(&mut env, &monitor, v).await;
-            figures.recoveries.push(t.elapsed());
-        }
-    }
-    let last = stream.send(&env);
-    converge(&mut env, &monitor, last).await;
-    figures.patches = stream.sent;
-    figures.note("disk", "tmpfs");
-    figures.note("persist_failed_logged", logged("persist_failed"));
-    daemon.stop().await.expect("clean stop");
-    check_invariant(&env, &monitor, &mut figures);
-    drop(disk);
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
