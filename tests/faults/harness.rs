@@ -5,8 +5,9 @@
 //! log fields, and the per-scenario figures printed for docs/RELIABILITY.md.
 //!
 //! Waits are on `SimEvent`s and `watch` changes with a deadline; nothing sleeps to
-//! synchronise. The only timed waits are absence checks ("no ack leaves for N ms") and the
-//! random moments at which faults strike.
+//! synchronise. Absence ("no ack left") is shown by order, with a later marker
+//! (`Env::get_state_marker`), never by waiting; the only timed waits are the random
+//! moments at which faults strike.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
