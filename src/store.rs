@@ -8,7 +8,20 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Where [`write_atomic`] stages `path`'s new content before the rename: a hidden sibling
+/// named after the file and this process, so two processes never write the same one.
+/// Public so tests can put an obstacle there (a directory) and make the write fail.
+pub fn temp_path(path: &Path) -> io::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp{}", std::process::id()));
+    Ok(path.with_file_name(tmp_name))
+}
 
 /// Atomically and durably replaces `path` with `bytes`, created with `mode` (e.g. 0o600).
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
@@ -16,13 +29,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
+    let tmp = temp_path(path)?;
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -63,6 +70,27 @@ mod tests {
             1,
             "no temp file left behind"
         );
+    }
+
+    #[test]
+    fn a_blocked_temp_path_fails_the_write_and_keeps_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
+        write_atomic(&p, b"old", 0o600).unwrap();
+        // A directory where the temp file goes: EISDIR, for root too.
+        let tmp = temp_path(&p).unwrap();
+        assert_eq!(tmp.parent(), Some(dir.path()));
+        fs::create_dir(&tmp).unwrap();
+        let err = write_atomic(&p, b"new", 0o600).expect_err("the write fails");
+        assert_eq!(
+            rustix::io::Errno::from_io_error(&err),
+            Some(rustix::io::Errno::ISDIR),
+            "{err}"
+        );
+        assert_eq!(fs::read(&p).unwrap(), b"old");
+        fs::remove_dir(&tmp).unwrap();
+        write_atomic(&p, b"new", 0o600).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"new");
     }
 
     #[test]

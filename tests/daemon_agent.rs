@@ -1,10 +1,17 @@
 //! The agent driven directly through its channels, standing in for the hub session: the
 //! cases the emulator cannot script (a `$version` gap, dropped events) and the ordering
 //! promises (state on disk before an ack leaves, lost acks re-sent after reconnect).
+//!
+//! That something was *not* sent is shown by order, never by an empty channel: the agent
+//! handles its events one at a time, so when a direct method sent after an event is the
+//! next command out, nothing was sent in reply to that event.
+
+mod daemon_support;
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use daemon_support::fault::TempPathBlocked;
 use edgetwin::agent::{Agent, AgentConfig, AgentLinks};
 use edgetwin::hub::session::{ConnectionState, HubCommand, HubEvent};
 use edgetwin::hub::twin_requests::TwinFailure;
@@ -91,6 +98,18 @@ impl Harness {
         }
     }
 
+    /// The next command must answer the method request `rid`; returns its payload.
+    async fn expect_method_response(&mut self, rid: &str) -> Value {
+        match self.next_command().await {
+            HubCommand::MethodResponse {
+                rid: answered,
+                status: 200,
+                payload,
+            } if answered == rid => serde_json::from_slice(&payload).expect("JSON"),
+            other => panic!("expected the answer to method {rid}, got {other:?}"),
+        }
+    }
+
     async fn expect_report(&mut self) -> Map<String, Value> {
         match self.next_command().await {
             HubCommand::Report(patch) => patch,
@@ -134,6 +153,14 @@ fn desired(version: u64, body: Value) -> HubEvent {
     }
 }
 
+fn method(name: &str, rid: &str) -> HubEvent {
+    HubEvent::Method {
+        name: name.into(),
+        rid: rid.into(),
+        payload: Bytes::from_static(b"{}"),
+    }
+}
+
 #[tokio::test]
 async fn patch_with_version_gap_triggers_full_get() {
     let mut h = Harness::start();
@@ -152,7 +179,23 @@ async fn patch_with_version_gap_triggers_full_get() {
 async fn ack_leaves_only_after_the_state_is_on_disk() {
     let mut h = Harness::start();
     h.synced(json!({}), 1).await;
+    h.send(method("getState", "synced")).await;
+    h.expect_method_response("synced").await;
+    let state_file = h.dir.path().join("state.json");
+    assert_eq!(h.state_file()["desired_version"], json!(1));
+
+    // state.json cannot be written (EISDIR, for root too): the patch is put in force, the
+    // ack is held. The method sent after it is answered first: nothing left before it.
+    let blocked = TempPathBlocked::block(&state_file);
     h.send(desired(2, json!({"telemetryInterval": 5}))).await;
+    h.send(method("getState", "marker")).await;
+    let state = h.expect_method_response("marker").await;
+    assert_eq!(state["desiredVersion"], json!(2), "the patch is in force");
+    assert_eq!(state["pendingReported"], json!(1), "its ack is outstanding");
+    assert_eq!(h.state_file()["desired_version"], json!(1));
+
+    // The write succeeds on the agent's own retry; the ack follows.
+    blocked.unblock();
     let report = h.expect_report().await;
     assert_eq!(report["telemetryInterval"]["av"], json!(2));
     let on_disk = h.state_file();
@@ -167,14 +210,17 @@ async fn unconfirmed_ack_is_coalesced_and_resent_after_reconnect() {
     h.synced(json!({}), 1).await;
     h.send(desired(2, json!({"a": 1}))).await;
     let sent = h.expect_report().await;
+    // As the session tells it once the agent knows it is offline: the connection dropped,
+    // then the report in flight failed.
+    h.send(HubEvent::Disconnected).await;
     h.send(HubEvent::Reported {
         patch: sent,
         result: Err(TwinFailure::Lost),
     })
     .await;
-    h.send(HubEvent::Disconnected).await;
-    // Nothing goes out while offline.
-    assert!(h.commands.try_recv().is_err());
+    // Nothing goes out while offline: a method sent afterwards is answered first.
+    h.send(method("ping", "marker")).await;
+    h.expect_method_response("marker").await;
 
     h.send(HubEvent::Connected {
         session_present: true,

@@ -2,7 +2,7 @@
 //! connections drop (also between a reported patch and its 204), twin operations are
 //! throttled or fail with 500, responses are lost or late, desired notifications are lost,
 //! duplicated and reordered, tokens expire and the hub's clock is ±10 minutes off, the daemon is
-//! SIGKILLed, and its state directory turns read-only or full.
+//! SIGKILLed, and its state directory becomes unusable, read-only or full.
 //!
 //! Every scenario pushes a stream of desired patches through the service side and ends
 //! with the invariant (harness::check_invariant): `state.json` equals the twin's final
@@ -11,9 +11,16 @@
 //! (run with `--nocapture`) quoted in docs/RELIABILITY.md.
 //!
 //! Profiles: short by default (CI); `EDGETWIN_FAULT_PROFILE=long` for the on-demand run
-//! (20 restarts × 50 patches, 100 drops, 30 s of throttling, 100 SIGKILLs, and the
-//! long run with RSS sampling; `EDGETWIN_FAULT_LONG_SECS`, default 600).
+//! (20 restarts × 50 patches, 100 drops, 30 s of throttling, 100 SIGKILLs).
 //! `EDGETWIN_FAULT_SEED` replays a run.
+//!
+//! Two scenarios are `#[ignore]`d so that a plain `cargo test` never passes them without
+//! running them:
+//! - the tmpfs half of scenario 7 (faults/disk.rs) needs root (scripts/test runs it, as
+//!   root, in CI):
+//!   `cargo test -p edgetwin --test faults -- --ignored --exact disk::s7_root_no_ack_while_the_disk_is_read_only_or_full`
+//! - scenario 8, the long run with RSS sampling (`EDGETWIN_FAULT_LONG_SECS`, default 600):
+//!   `EDGETWIN_FAULT_PROFILE=long cargo test -p edgetwin --test faults -- --ignored --exact s8_long_run_memory_stays_flat --nocapture`
 
 mod daemon_support;
 #[path = "faults/disk.rs"]
@@ -34,21 +41,27 @@ use harness::{
 };
 use rand::Rng;
 
-/// How long "nothing is acknowledged" is watched for where an ack would be a bug.
-const ABSENCE: Duration = Duration::from_millis(1500);
-
 /// Env, monitor (watching the hub and the daemon) and a running daemon.
 async fn setup(
     settings: impl FnOnce(&Env) -> edgetwin::config::Settings,
 ) -> (Env, Monitor, Daemon) {
     capture_logs();
     let mut env = Env::start().await;
+    let (monitor, daemon) = start_watched(&mut env, settings).await;
+    (env, monitor, daemon)
+}
+
+/// A running daemon on `env`, with the monitor watching it and the hub.
+async fn start_watched(
+    env: &mut Env,
+    settings: impl FnOnce(&Env) -> edgetwin::config::Settings,
+) -> (Monitor, Daemon) {
     let monitor = Monitor::new(env.state_dir.path());
     monitor.watch_hub(env.sim().hub().events());
-    let daemon = Daemon::start(settings(&env)).await;
+    let daemon = Daemon::start(settings(env)).await;
     monitor.watch_daemon(daemon.view.state.clone());
     env.wait_twin_get().await;
-    (env, monitor, daemon)
+    (monitor, daemon)
 }
 
 fn is_ack(e: &SimEvent) -> bool {
@@ -470,80 +483,6 @@ async fn s6_daemon_sigkilled_during_a_patch_stream() {
     check_invariant(&env, &monitor, &mut figures);
 }
 
-/// Scenario 7: the state directory turns read-only, then full. The daemon puts the patch
-/// in force but sends no ack for what is not on disk, says so (`persist_failed`), and
-/// acknowledges once the disk recovers.
-#[tokio::test]
-async fn s7_disk_read_only_or_full() {
-    let profile = Profile::from_env();
-    let mut figures = Figures::new("7-disk-trouble", profile);
-    capture_logs();
-    let mut env = Env::start().await;
-    let Some(disk) = disk::Disk::prepare(env.state_dir.path(), 256) else {
-        println!("FAULT-FIGURES scenario=7-disk-trouble skipped: root without mount rights");
-        return;
-    };
-    let monitor = Monitor::new(env.state_dir.path());
-    monitor.watch_hub(env.sim().hub().events());
-    let mut daemon = Daemon::start(env.settings("")).await;
-    monitor.watch_daemon(daemon.view.state.clone());
-    env.wait_twin_get().await;
-    let mut stream = Stream::new(rng("7"));
-    let warm = stream.send_n(&env, 3);
-    converge(&mut env, &monitor, warm).await;
-
-    let rounds = profile.pick(1, 5);
-    let mut modes = vec!["read-only"];
-    if disk.can_fill() {
-        modes.push("full");
-    }
-    for _ in 0..rounds {
-        for mode in &modes {
-            let failures_before = logged("persist_failed");
-            let filler = if *mode == "full" {
-                Some(disk.fill())
-            } else {
-                disk.read_only(true);
-                None
-            };
-            figures.faults += 1;
-            let v = stream.send(&env);
-            daemon
-                .wait_state("patch in force", |s| s.desired_version == Some(v))
-                .await;
-            let premature = next_event(&mut env.events, ABSENCE, |e| {
-                matches!(e, SimEvent::ReportedPatched { patch, .. } if max_av(patch) >= Some(v))
-            })
-            .await;
-            assert!(
-                premature.is_none(),
-                "{mode}: v{v} acknowledged though not persisted: {premature:?}"
-            );
-            let on_disk = monitor.read().and_then(|f| f.desired_version);
-            assert!(on_disk < Some(v), "{mode}: state.json at {on_disk:?}");
-            assert!(
-                logged("persist_failed") > failures_before,
-                "{mode}: the failure is logged"
-            );
-            let t = Instant::now();
-            match filler {
-                Some(f) => std::fs::remove_file(f).expect("filler removed"),
-                None => disk.read_only(false),
-            }
-            converge(&mut env, &monitor, v).await;
-            figures.recoveries.push(t.elapsed());
-        }
-    }
-    let last = stream.send(&env);
-    converge(&mut env, &monitor, last).await;
-    figures.patches = stream.sent;
-    figures.note("disk", disk.kind());
-    figures.note("persist_failed_logged", logged("persist_failed"));
-    daemon.stop().await.expect("clean stop");
-    check_invariant(&env, &monitor, &mut figures);
-    drop(disk);
-}
-
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -555,17 +494,14 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// Scenario 8 (long profile only): `edgetwin run` for `EDGETWIN_FAULT_LONG_SECS`
-/// (default 600) with the shortest token lifetime config allows (renewal every 48 s),
-/// a patch every 50 ms and a dropped connection every minute; RSS sampled every 30 s must
-/// not grow beyond a small bound after warm-up.
+/// Scenario 8 (on demand, see the module header): `edgetwin run` for
+/// `EDGETWIN_FAULT_LONG_SECS` (default 600) with the shortest token lifetime config allows
+/// (renewal every 48 s), a patch every 50 ms and a dropped connection every minute; RSS
+/// sampled every 30 s must not grow beyond a small bound after warm-up.
 #[tokio::test]
+#[ignore = "long run (10 min): EDGETWIN_FAULT_PROFILE=long cargo test -p edgetwin --test faults -- --ignored --exact s8_long_run_memory_stays_flat"]
 async fn s8_long_run_memory_stays_flat() {
     let profile = Profile::from_env();
-    if !profile.long {
-        println!("FAULT-FIGURES scenario=8-long-run profile=short skipped (long profile only)");
-        return;
-    }
     let secs: u64 = std::env::var("EDGETWIN_FAULT_LONG_SECS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -4,6 +4,7 @@
 //! never sleep to synchronise.
 #![allow(dead_code)]
 
+pub mod fault;
 pub mod notify;
 
 use std::path::PathBuf;
@@ -23,6 +24,19 @@ pub const DEVICE: &str = "gw1";
 pub const MODULE: &str = "edgetwin";
 /// Longest wait for anything; generous because CI machines are small.
 pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Whether `event` is the hub accepting a reported patch that acknowledges desired
+/// `$version` `version` or a later one.
+pub fn acks_at_least(event: &SimEvent, version: u64) -> bool {
+    match event {
+        SimEvent::ReportedPatched { patch, .. } => patch.as_object().is_some_and(|m| {
+            m.values()
+                .filter_map(|ack| ack.get("av").and_then(Value::as_u64))
+                .any(|av| av >= version)
+        }),
+        _ => false,
+    }
+}
 
 pub struct Env {
     pub sim: Option<Sim>,
@@ -153,6 +167,55 @@ impl Env {
             matches!(e, SimEvent::TwinGet { status: 200, .. })
         })
         .await;
+    }
+
+    /// Invokes the `getState` direct method and returns its answer with every hub event
+    /// seen before the answer reached the hub. The module's publishes reach the hub in the
+    /// order it sent them, and the agent answers a method only after it finished with the
+    /// events before it, so whatever the daemon sent in reply to those (an ack, say) is
+    /// among the returned events: this is how a test shows something was *not* sent.
+    pub async fn get_state_marker(&mut self) -> (Vec<SimEvent>, Value) {
+        let hub = self.sim().hub().clone();
+        let request =
+            json!({"methodName": "getState", "payload": {}, "responseTimeoutInSeconds": 30});
+        let invoke = async move {
+            hub.invoke_module_method(DEVICE, MODULE, &request)
+                .await
+                .expect("getState answered")
+        };
+        let events = &mut self.events;
+        let before = async {
+            let mut seen = Vec::new();
+            loop {
+                match events.recv().await {
+                    Ok(SimEvent::MethodResponded { module, .. }) if module == Env::key() => {
+                        return seen
+                    }
+                    Ok(event) => seen.push(event),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        panic!("{n} hub events missed: absence cannot be shown")
+                    }
+                    Err(broadcast::error::RecvError::Closed) => panic!("sim closed"),
+                }
+            }
+        };
+        let (answer, seen) = tokio::time::timeout(WAIT, async { tokio::join!(invoke, before) })
+            .await
+            .expect("getState answered in time");
+        assert_eq!(answer["status"], json!(200), "{answer}");
+        (seen, answer["payload"].clone())
+    }
+
+    /// Waits until the daemon has handled everything the hub sent it so far (the answers
+    /// to its reported patches included) and has no ack outstanding: a fault injected
+    /// next hits the next patch, not the tail of the last one.
+    pub async fn settled(&mut self) {
+        let (_, state) = self.get_state_marker().await;
+        assert_eq!(
+            state["pendingReported"],
+            json!(0),
+            "acks still outstanding: {state}"
+        );
     }
 
     pub fn state_file(&self) -> Value {
