@@ -73,6 +73,8 @@ pub fn init(level: &str, format: LogFormat) -> LogHandle {
     let text = (sink == Sink::Text).then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            // Colour only for a person at a terminal, not in files, pipes or the journal.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_target(false)
     });
     let json = (sink == Sink::Json).then(|| {

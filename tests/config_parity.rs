@@ -223,9 +223,11 @@ async fn check_config_and_run_refuse_the_same_configurations_naming_the_same_key
         let run_err = stderr(&run);
         assert_eq!(run.status.code(), Some(78), "run, {what}: {run_err}");
         assert!(run_err.contains(case.key), "run, {what}: {run_err}");
-        // The very same problem, not merely the same key.
+        // The very same problem, not merely the same key (check-config prints it after
+        // "edgetwin: ", run logs it once after "edgetwin stopped: ").
+        let problem = check_err.trim().trim_start_matches("edgetwin: ");
         assert!(
-            run_err.contains(check_err.trim()),
+            run_err.contains(problem),
             "{what}: check-config said {check_err:?}, run said {run_err:?}"
         );
         for shown in [&check_err, &run_err] {
