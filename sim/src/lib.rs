@@ -12,10 +12,12 @@
 //! - [`errors`]: IoT Hub error codes and the two body formats the real hub uses.
 //! - [`twin_doc`]: the service-side module twin document (versions, etag, `$metadata`,
 //!   limits).
-//! - [`persist`]: the durable on-disk form of the registry and twins.
+//! - [`persist`]: the durable on-disk form of the registry and twins, and the order of
+//!   its writes.
 //! - [`tls`]: the emulator's CA and server certificate.
 //! - [`mqtt`]: MQTT 3.1.1 server (TLS and WebSocket transports) for module clients.
-//! - [`rest`]: HTTPS service REST API and the WebSocket upgrade endpoint.
+//! - [`rest`]: HTTPS service REST API; it mounts [`websocket`], the MQTT-over-WebSocket
+//!   bridge, on its router.
 //! - [`server`]: [`Sim`], which binds the listeners and owns their tasks.
 //! - [`demo`]: the tutorial end to end: emulator, registry REST and the real daemon.
 //! - [`testing`]: helpers for tests against the emulator (an MQTT test client, event
