@@ -9,6 +9,7 @@
 //!   front ends translate wire traffic into calls on [`hub::Hub`].
 //! - [`device_side`], [`service_side`]: the hub's operations as a module and as a back
 //!   end see them.
+//! - [`events`]: waiting for a [`SimEvent`] with a timeout ([`wait_for`]).
 //! - [`errors`]: IoT Hub error codes and the two body formats the real hub uses.
 //! - [`twin_doc`]: the service-side module twin document (versions, etag, `$metadata`,
 //!   limits).
@@ -28,6 +29,7 @@
 pub mod demo;
 pub mod device_side;
 pub mod errors;
+pub mod events;
 pub mod hub;
 pub mod mqtt;
 pub mod persist;
@@ -41,5 +43,6 @@ pub mod twin_doc;
 pub mod websocket;
 
 pub use errors::HubError;
+pub use events::{wait_for, wait_pick, WaitError};
 pub use hub::{Faults, Hub, SimEvent};
 pub use server::{Sim, SimConfig};
