@@ -102,19 +102,11 @@ async fn stop(mut child: Child, log: tokio::task::JoinHandle<String>) -> (i32, S
 async fn wait_event(
     events: &mut broadcast::Receiver<SimEvent>,
     what: &str,
-    mut want: impl FnMut(&SimEvent) -> bool,
+    want: impl FnMut(&SimEvent) -> bool,
 ) -> SimEvent {
-    let found = tokio::time::timeout(WAIT, async {
-        loop {
-            match events.recv().await {
-                Ok(event) if want(&event) => return event,
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => panic!("sim closed"),
-            }
-        }
-    })
-    .await;
-    found.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    edgetwin_sim::wait_for(events, WAIT, want)
+        .await
+        .unwrap_or_else(|e| panic!("waiting for {what}: {e}"))
 }
 
 fn assert_no_secrets(log: &str, secrets: &[&str]) {

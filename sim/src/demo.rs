@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::ModuleKey;
-use crate::{Sim, SimConfig, SimEvent};
+use crate::{wait_for, wait_pick, Sim, SimConfig, SimEvent};
 use edgetwin::app::{self, RunControl};
 use edgetwin::config::Settings;
 use edgetwin::identity::ServiceCredentials;
@@ -82,10 +82,11 @@ pub async fn run() -> anyhow::Result<()> {
         "3. daemon started (READY) with telemetryInterval {} in force, before any network I/O",
         interval_of(&view.state.borrow())
     );
-    wait_event(&mut events, |e| {
+    wait_for(&mut events, STEP_TIMEOUT, |e| {
         matches!(e, SimEvent::TwinGet { status: 200, .. })
     })
-    .await?;
+    .await
+    .context("waiting for the daemon to read its twin")?;
     println!(
         "4. daemon connected over MQTT/TLS ({}) and read its twin",
         view.connection.borrow().describe()
@@ -93,7 +94,11 @@ pub async fn run() -> anyhow::Result<()> {
 
     let fast = set_interval(&registry, 2).await?;
     wait_ack(&mut events, fast).await?;
-    let telemetry = wait_event(&mut events, |e| matches!(e, SimEvent::Telemetry { .. })).await?;
+    let telemetry = wait_for(&mut events, STEP_TIMEOUT, |e| {
+        matches!(e, SimEvent::Telemetry { .. })
+    })
+    .await
+    .context("waiting for the daemon's telemetry")?;
     let key = ModuleKey {
         device_id: DEVICE.into(),
         module_id: MODULE.into(),
@@ -177,39 +182,21 @@ async fn set_interval(registry: &RegistryClient, seconds: u64) -> anyhow::Result
         .context("twin has no desired $version")
 }
 
-/// Waits for the reported ack of `version`; returns it.
+/// Waits for the reported ack of `version`; returns the reported patch.
 async fn wait_ack(
     events: &mut broadcast::Receiver<SimEvent>,
     version: u64,
 ) -> anyhow::Result<Value> {
-    let acked = |e: &SimEvent| match e {
-        SimEvent::ReportedPatched { patch, .. } => {
-            patch["telemetryInterval"]["av"].as_u64() == Some(version)
+    wait_pick(events, STEP_TIMEOUT, |e| match e {
+        SimEvent::ReportedPatched { patch, .. }
+            if patch["telemetryInterval"]["av"].as_u64() == Some(version) =>
+        {
+            Some(patch.clone())
         }
-        _ => false,
-    };
-    match wait_event(events, acked).await? {
-        SimEvent::ReportedPatched { patch, .. } => Ok(patch),
-        _ => unreachable!("filtered above"),
-    }
-}
-
-async fn wait_event(
-    events: &mut broadcast::Receiver<SimEvent>,
-    wanted: impl Fn(&SimEvent) -> bool,
-) -> anyhow::Result<SimEvent> {
-    let fut = async {
-        loop {
-            match events.recv().await {
-                Ok(e) if wanted(&e) => return Ok(e),
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => bail!("the emulator stopped"),
-            }
-        }
-    };
-    tokio::time::timeout(STEP_TIMEOUT, fut)
-        .await
-        .context("timed out waiting for the daemon")?
+        _ => None,
+    })
+    .await
+    .with_context(|| format!("waiting for the daemon's ack of desired $version {version}"))
 }
 
 fn interval_of(state: &RuntimeState) -> String {

@@ -111,11 +111,7 @@ impl Hub {
         let keys: Vec<String> = match &token.key_name {
             None => vec![record.primary_key.clone(), record.secondary_key.clone()],
             Some(policy) => match st.data.policies.get(policy) {
-                Some(p)
-                    if p.rights
-                        .iter()
-                        .any(|r| Right::from(*r) == Right::DeviceConnect) =>
-                {
+                Some(p) if p.rights.contains(&Right::DeviceConnect) => {
                     vec![p.primary_key.clone(), p.secondary_key.clone()]
                 }
                 _ => {

@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::errors::HubError;
-use super::persist::{self, PersistedHub};
+use super::persist::{self, PersistedHub, Snapshot, Writer};
 use super::twin_doc::timestamp;
 use edgetwin::identity::SharedKey;
 
@@ -33,14 +33,7 @@ pub const TELEMETRY_KEEP: usize = 10_000;
 /// MQTT subscriptions allowed per client, as on the real hub.
 pub const MAX_SUBSCRIPTIONS: usize = 5;
 
-/// Rights of a shared access policy (PROTOCOL §2.6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Right {
-    RegistryRead,
-    RegistryWrite,
-    ServiceConnect,
-    DeviceConnect,
-}
+pub use super::persist::Right;
 
 /// A module identity, as it appears in client ids, topics and REST paths.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -221,13 +214,11 @@ pub struct Hub {
 
 pub(super) struct Inner {
     pub(super) hub_name: String,
-    pub(super) state_dir: PathBuf,
+    /// Writes the durable state in the state directory, in the order of the changes.
+    pub(super) store: Writer,
     /// `host:port` of the REST listener; service tokens may be scoped to it (PROTOCOL §8.2).
     pub(super) rest_authority: Mutex<Option<String>>,
     pub(super) state: Mutex<State>,
-    /// Highest snapshot generation written; held while writing so writes never reorder.
-    pub(super) written: Mutex<u64>,
-    pub(super) generation: std::sync::atomic::AtomicU64,
     pub(super) events: broadcast::Sender<SimEvent>,
 }
 
@@ -237,11 +228,9 @@ pub struct Faults {
     hub: Hub,
 }
 
-/// A snapshot of the durable state to write once the hub lock is released.
-#[must_use]
-pub(super) struct Pending(Option<(u64, Vec<u8>)>);
-
-pub(super) fn unix_now() -> u64 {
+/// The machine's clock in Unix seconds (0 if it is set before 1970); SAS token expiries
+/// are in these units.
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -346,7 +335,7 @@ impl Hub {
         Ok(Hub {
             inner: Arc::new(Inner {
                 hub_name: hub_name.to_string(),
-                state_dir,
+                store: Writer::new(state_dir),
                 rest_authority: Mutex::new(None),
                 state: Mutex::new(State {
                     data,
@@ -360,8 +349,6 @@ impl Hub {
                     faults: FaultState::default(),
                     twin_requests: 0,
                 }),
-                written: Mutex::new(0),
-                generation: std::sync::atomic::AtomicU64::new(0),
                 events,
             }),
         })
@@ -372,7 +359,7 @@ impl Hub {
     }
 
     pub fn state_dir(&self) -> &std::path::Path {
-        &self.inner.state_dir
+        self.inner.store.dir()
     }
 
     /// Records the REST listener's `host:port`, to which service tokens may be scoped.
@@ -423,31 +410,18 @@ impl Hub {
     }
 
     /// Takes a snapshot of the durable state; call while holding the state lock.
-    pub(super) fn snapshot(&self, st: &State) -> Pending {
-        let gen = self
-            .inner
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-            + 1;
-        Pending(Some((gen, persist::encode(&st.data))))
+    pub(super) fn snapshot(&self, st: &State) -> Snapshot {
+        self.inner.store.snapshot(&st.data)
     }
 
     /// Writes a snapshot unless a newer one already reached the disk. Called after the
     /// state lock is released; returns only once the change is durable.
-    pub(super) fn commit(&self, pending: Pending) -> Result<(), HubError> {
-        let Some((gen, bytes)) = pending.0 else {
-            return Ok(());
-        };
-        let mut written = lock(&self.inner.written);
-        if *written >= gen {
-            return Ok(());
-        }
-        persist::write(&self.inner.state_dir, &bytes).map_err(|e| {
-            tracing::error!(error = %e, dir = %self.inner.state_dir.display(), "emulator state write failed");
+    pub(super) fn commit(&self, snapshot: Snapshot) -> Result<(), HubError> {
+        self.inner.store.commit(snapshot).map_err(|e| {
+            // The client gets a generic 500; the cause is logged here, once.
+            tracing::error!(error = %e, dir = %self.inner.store.dir().display(), "emulator state write failed");
             HubError::server_error("state could not be persisted")
-        })?;
-        *written = gen;
-        Ok(())
+        })
     }
 }
 

@@ -9,13 +9,16 @@
 //!   front ends translate wire traffic into calls on [`hub::Hub`].
 //! - [`device_side`], [`service_side`]: the hub's operations as a module and as a back
 //!   end see them.
+//! - [`events`]: waiting for a [`SimEvent`] with a timeout ([`wait_for`]).
 //! - [`errors`]: IoT Hub error codes and the two body formats the real hub uses.
 //! - [`twin_doc`]: the service-side module twin document (versions, etag, `$metadata`,
 //!   limits).
-//! - [`persist`]: the durable on-disk form of the registry and twins.
+//! - [`persist`]: the durable on-disk form of the registry and twins, and the order of
+//!   its writes.
 //! - [`tls`]: the emulator's CA and server certificate.
 //! - [`mqtt`]: MQTT 3.1.1 server (TLS and WebSocket transports) for module clients.
-//! - [`rest`]: HTTPS service REST API and the WebSocket upgrade endpoint.
+//! - [`rest`]: HTTPS service REST API; it mounts [`websocket`], the MQTT-over-WebSocket
+//!   bridge, on its router.
 //! - [`server`]: [`Sim`], which binds the listeners and owns their tasks.
 //! - [`demo`]: the tutorial end to end: emulator, registry REST and the real daemon.
 //! - [`testing`]: helpers for tests against the emulator (an MQTT test client, event
@@ -26,6 +29,7 @@
 pub mod demo;
 pub mod device_side;
 pub mod errors;
+pub mod events;
 pub mod hub;
 pub mod mqtt;
 pub mod persist;
@@ -39,5 +43,6 @@ pub mod twin_doc;
 pub mod websocket;
 
 pub use errors::HubError;
+pub use events::{wait_for, wait_pick, WaitError};
 pub use hub::{Faults, Hub, SimEvent};
 pub use server::{Sim, SimConfig};

@@ -1,14 +1,20 @@
 //! The emulator's durable state: service policies, devices, modules (with keys) and their
 //! twins, and persistent MQTT sessions, kept as one JSON file (`hub.json`) in the state
 //! directory and replaced atomically on every change so it survives `kill -9`.
+//!
+//! Besides the durable form this module owns the write ordering: [`Writer::snapshot`]
+//! encodes the state under the hub's lock and numbers it, [`Writer::commit`] writes it
+//! after the lock is released and skips any snapshot older than one already on disk. The
+//! hub uses this module; this module knows nothing of the hub.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use super::hub::Right;
 use super::twin_doc::ModuleTwin;
 use edgetwin::identity::SharedKey;
 
@@ -19,26 +25,16 @@ const SCHEMA: u32 = 1;
 pub struct Policy {
     pub primary_key: String,
     pub secondary_key: String,
-    pub rights: Vec<RightName>,
+    pub rights: Vec<Right>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub enum RightName {
+/// Rights of a shared access policy (PROTOCOL §2.6); stored by variant name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Right {
     RegistryRead,
     RegistryWrite,
     ServiceConnect,
     DeviceConnect,
-}
-
-impl From<RightName> for Right {
-    fn from(r: RightName) -> Right {
-        match r {
-            RightName::RegistryRead => Right::RegistryRead,
-            RightName::RegistryWrite => Right::RegistryWrite,
-            RightName::ServiceConnect => Right::ServiceConnect,
-            RightName::DeviceConnect => Right::DeviceConnect,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,8 +73,8 @@ pub struct PersistedHub {
 impl PersistedHub {
     /// A fresh hub with the default shared access policies and new keys.
     pub fn new() -> Self {
-        use RightName::*;
-        let policy = |rights: &[RightName]| Policy {
+        use Right::*;
+        let policy = |rights: &[Right]| Policy {
             primary_key: SharedKey::generate().as_base64().to_string(),
             secondary_key: SharedKey::generate().as_base64().to_string(),
             rights: rights.to_vec(),
@@ -129,17 +125,105 @@ pub fn load(dir: &Path) -> anyhow::Result<Option<PersistedHub>> {
     Ok(Some(hub))
 }
 
-/// Serialises the state; done under the hub lock so the snapshot is consistent.
-pub fn encode(hub: &PersistedHub) -> Vec<u8> {
+/// Serialises the state.
+fn encode(hub: &PersistedHub) -> Vec<u8> {
     serde_json::to_vec(hub).expect("hub state is always serialisable")
 }
 
 /// Durably replaces `hub.json` in `dir` with an encoded snapshot.
-pub fn write(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
+fn write(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
     edgetwin::store::write_atomic(&dir.join(FILE_NAME), bytes, 0o600)
+}
+
+/// The encoded state at one change, numbered in the order the changes were made.
+#[must_use = "a snapshot that is not committed never reaches the disk"]
+pub struct Snapshot {
+    generation: u64,
+    bytes: Vec<u8>,
+}
+
+/// Writes snapshots of the state to `hub.json` in `dir`, never letting an older one
+/// replace a newer one that is already on disk.
+pub struct Writer {
+    dir: PathBuf,
+    /// Number of the last snapshot taken.
+    taken: AtomicU64,
+    /// Number of the newest snapshot on disk; held while writing so writes never reorder.
+    written: Mutex<u64>,
+}
+
+impl Writer {
+    pub fn new(dir: impl Into<PathBuf>) -> Writer {
+        Writer {
+            dir: dir.into(),
+            taken: AtomicU64::new(0),
+            written: Mutex::new(0),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Encodes `hub`. Call it under the lock that guards `hub`, so the snapshot is
+    /// consistent and its number follows the order of the changes.
+    pub fn snapshot(&self, hub: &PersistedHub) -> Snapshot {
+        Snapshot {
+            generation: self.taken.fetch_add(1, Ordering::SeqCst) + 1,
+            bytes: encode(hub),
+        }
+    }
+
+    /// Writes `snapshot` unless a newer one already reached the disk; returns once the
+    /// change is durable. Call it after the state lock is released.
+    pub fn commit(&self, snapshot: Snapshot) -> std::io::Result<()> {
+        // A panic while holding the lock leaves a plain number behind; keep writing.
+        let mut written = self
+            .written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *written >= snapshot.generation {
+            return Ok(());
+        }
+        write(&self.dir, &snapshot.bytes)?;
+        *written = snapshot.generation;
+        Ok(())
+    }
 }
 
 pub fn save(dir: &Path, hub: &PersistedHub) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     write(dir, &encode(hub)).with_context(|| format!("writing {}", dir.join(FILE_NAME).display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_snapshot_never_replaces_a_newer_one_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = Writer::new(dir.path());
+        let mut hub = PersistedHub::new();
+        hub.sessions.insert("old".into(), BTreeSet::new());
+        let older = writer.snapshot(&hub);
+        hub.sessions.insert("new".into(), BTreeSet::new());
+        let newer = writer.snapshot(&hub);
+
+        writer.commit(newer).unwrap();
+        writer.commit(older).unwrap();
+
+        let on_disk = load(dir.path()).unwrap().expect("hub.json written");
+        assert!(on_disk.sessions.contains_key("new"));
+    }
+
+    #[test]
+    fn policy_rights_round_trip_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        save(dir.path(), &PersistedHub::new()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        assert!(text.contains(r#""rights":["ServiceConnect"]"#), "{text}");
+        let loaded = load(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded.policies["service"].rights, [Right::ServiceConnect]);
+    }
 }

@@ -12,6 +12,8 @@ use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use axum::body::Bytes;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, IF_MATCH};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
@@ -45,10 +47,10 @@ const JSON_UTF8: &str = "application/json; charset=utf-8";
 
 /// What every handler shares.
 #[derive(Clone)]
-pub(super) struct App {
-    pub(super) hub: Hub,
-    pub(super) shutdown: CancellationToken,
-    pub(super) tasks: TaskTracker,
+struct App {
+    hub: Hub,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
 }
 
 /// Serves HTTPS until `shutdown`.
@@ -132,7 +134,7 @@ async fn serve_tcp(
     }
 }
 
-pub(super) fn router(app: App) -> Router {
+fn router(app: App) -> Router {
     Router::new()
         .route(
             "/devices/:device",
@@ -151,10 +153,7 @@ pub(super) fn router(app: App) -> Router {
             "/twins/:device/modules/:module/methods",
             methods(post(invoke_method)),
         )
-        .route(
-            "/$iothub/websocket",
-            methods(get(super::websocket::upgrade)),
-        )
+        .route("/$iothub/websocket", methods(get(websocket_upgrade)))
         .fallback(not_found)
         .layer(middleware::from_fn(log_request))
         .with_state(app)
@@ -183,7 +182,7 @@ async fn respond(f: impl Future<Output = Outcome>) -> Response {
 }
 
 /// The hub's error answer: newer body format, `iothub-errorcode` header.
-pub(super) fn error_response(e: &HubError) -> Response {
+fn error_response(e: &HubError) -> Response {
     let tracking_id = uuid::Uuid::new_v4().simple().to_string();
     let body = e.body(&tracking_id, &timestamp(SystemTime::now()));
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -395,6 +394,17 @@ async fn delete_module(State(app): State<App>, mut call: Call<(String, String)>)
         Ok((StatusCode::NO_CONTENT, None))
     })
     .await
+}
+
+// ---- MQTT over WebSocket -------------------------------------------------------------
+
+async fn websocket_upgrade(
+    State(app): State<App>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    super::websocket::upgrade(&headers, ws, app.hub, app.shutdown, &app.tasks)
+        .unwrap_or_else(|e| error_response(&e))
 }
 
 // ---- module twins and methods --------------------------------------------------------

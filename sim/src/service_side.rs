@@ -81,7 +81,7 @@ impl Hub {
             }
             Err(_) => return Err(HubError::unauthorized("signature does not match the policy key")),
         }
-        if !policy.rights.iter().any(|r| Right::from(*r) == needs) {
+        if !policy.rights.contains(&needs) {
             return Err(HubError::unauthorized(format!(
                 "policy '{policy_name}' does not grant {needs:?}"
             )));

@@ -6,8 +6,10 @@
 pub mod scripted_https;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+pub use crate::events::{wait_for, wait_pick, WaitError};
+pub use crate::hub::unix_now;
 use crate::hub::ModuleKey;
 use crate::{Hub, Sim, SimConfig, SimEvent};
 use edgetwin::identity::ModuleCredentials;
@@ -82,13 +84,6 @@ pub fn key(device_id: &str, module_id: &str) -> ModuleKey {
         device_id: device_id.into(),
         module_id: module_id.into(),
     }
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
 }
 
 /// rustls 0.22 (rumqttc's) client config trusting only the sim's CA.
@@ -257,25 +252,12 @@ async fn drive(
     }
 }
 
-/// The next event for which `pick` returns `Some`, within [`WAIT`].
+/// The next event for which `pick` returns `Some`, within [`WAIT`]; panics otherwise.
 pub async fn wait_event<T>(
     events: &mut broadcast::Receiver<SimEvent>,
-    mut pick: impl FnMut(&SimEvent) -> Option<T>,
+    pick: impl FnMut(&SimEvent) -> Option<T>,
 ) -> T {
-    let fut = async {
-        loop {
-            match events.recv().await {
-                Ok(e) => {
-                    if let Some(t) = pick(&e) {
-                        return t;
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => panic!("hub event stream closed"),
-            }
-        }
-    };
-    tokio::time::timeout(WAIT, fut)
+    wait_pick(events, WAIT, pick)
         .await
-        .expect("timed out waiting for a hub event")
+        .unwrap_or_else(|e| panic!("waiting for a hub event: {e}"))
 }

@@ -1,6 +1,8 @@
 //! MQTT over WebSocket (PROTOCOL §3.8): bridges an upgraded `/$iothub/websocket`
 //! connection's binary frames to [`super::mqtt::serve_connection`] through an in-memory
-//! pipe, so the MQTT server sees the same byte stream as over TLS.
+//! pipe, so the MQTT server sees the same byte stream as over TLS. The REST front end
+//! mounts [`upgrade`] on its router and renders its errors; this module knows nothing of
+//! the REST API.
 //!
 //! Closing: when the client closes (or the socket fails) the pipe's write side is shut,
 //! the MQTT server sees end-of-stream and finishes; when the MQTT server finishes (the hub
@@ -11,7 +13,6 @@ use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
 use axum::http::header::SEC_WEBSOCKET_PROTOCOL;
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -19,10 +20,10 @@ use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::errors::HubError;
 use super::hub::Hub;
-use super::rest::{error_response, App};
 
 /// Bytes buffered in each direction of the pipe.
 const PIPE_CAPACITY: usize = 64 * 1024;
@@ -32,34 +33,30 @@ const FRAME_MAX: usize = 16 * 1024;
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// `GET /$iothub/websocket` with subprotocol `mqtt`: upgrade and hand the byte stream to
-/// the MQTT server. The bridge task counts as one of the emulator's tasks.
-pub(super) async fn upgrade(
-    State(app): State<App>,
-    headers: HeaderMap,
+/// the MQTT server. The bridge task counts as one of `tasks`, the emulator's tasks.
+pub(super) fn upgrade(
+    headers: &HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    if !offers_mqtt(&headers) {
-        return error_response(&HubError::argument_invalid(
+    hub: Hub,
+    shutdown: CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<Response, HubError> {
+    if !offers_mqtt(headers) {
+        return Err(HubError::argument_invalid(
             "WebSocket connections must request the 'mqtt' subprotocol",
         ));
     }
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(e) => {
-            return error_response(&HubError::argument_invalid(format!(
-                "not a valid WebSocket upgrade: {}",
-                e.body_text()
-            )))
-        }
-    };
-    let token = app.tasks.token();
-    let (hub, shutdown) = (app.hub.clone(), app.shutdown.clone());
-    ws.protocols(["mqtt"])
+    let ws = ws.map_err(|e| {
+        HubError::argument_invalid(format!("not a valid WebSocket upgrade: {}", e.body_text()))
+    })?;
+    let token = tasks.token();
+    Ok(ws
+        .protocols(["mqtt"])
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
         .on_upgrade(move |socket| async move {
             let _token = token;
             bridge(socket, hub, shutdown).await;
-        })
+        }))
 }
 
 fn offers_mqtt(headers: &HeaderMap) -> bool {
@@ -72,7 +69,7 @@ fn offers_mqtt(headers: &HeaderMap) -> bool {
 }
 
 /// Serves one MQTT client over an upgraded WebSocket until either side closes.
-pub(super) async fn bridge(socket: WebSocket, hub: Hub, shutdown: CancellationToken) {
+async fn bridge(socket: WebSocket, hub: Hub, shutdown: CancellationToken) {
     let (ours, theirs) = tokio::io::duplex(PIPE_CAPACITY);
     let (pipe_r, pipe_w) = tokio::io::split(ours);
     let (sink, stream) = socket.split();

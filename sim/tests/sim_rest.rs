@@ -3,9 +3,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use edgetwin::identity::{ServiceCredentials, SharedKey};
+use edgetwin_sim::testing::unix_now;
 use edgetwin_sim::{Sim, SimConfig};
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
@@ -198,13 +199,6 @@ async fn send(rb: reqwest::RequestBuilder) -> Reply {
         headers,
         body,
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 /// What `azure-iot-hub`'s `create_device_with_sas(id, None, None, "enabled")` sends.
@@ -1035,23 +1029,6 @@ async fn connect_ws(env: &Env) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
     (client, events)
 }
 
-/// Waits (bounded by [`HANG`]) for a hub event matching `pred`.
-async fn wait_for(
-    rx: &mut tokio::sync::broadcast::Receiver<edgetwin_sim::SimEvent>,
-    pred: impl Fn(&edgetwin_sim::SimEvent) -> bool,
-) {
-    let found = async {
-        loop {
-            match rx.recv().await {
-                Ok(ev) if pred(&ev) => return,
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("hub events ended: {e}"),
-            }
-        }
-    };
-    tokio::time::timeout(HANG, found).await.expect("hung");
-}
-
 /// A module over WebSocket subscribes to methods and answers one invoked through REST,
 /// then disconnects cleanly. Needs the real MQTT server.
 #[tokio::test]
@@ -1120,10 +1097,11 @@ async fn mqtt_over_websocket_serves_a_module() {
         ) {}
     };
     tokio::time::timeout(HANG, sent).await.expect("hung");
-    wait_for(&mut hub_events, |e| {
+    edgetwin_sim::wait_for(&mut hub_events, HANG, |e| {
         matches!(e, SimEvent::Disconnected { .. })
     })
-    .await;
+    .await
+    .expect("the hub sees the module disconnect");
     let twin = env.ok(Method::GET, TWIN, None).await;
     assert_eq!(twin["connectionState"], "Disconnected");
     env.sim.shutdown().await;

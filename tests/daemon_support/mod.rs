@@ -123,24 +123,11 @@ impl Env {
         twin["properties"]["reported"].clone()
     }
 
-    /// Waits for the first event matching `want`.
-    pub async fn wait_for(
-        &mut self,
-        what: &str,
-        mut want: impl FnMut(&SimEvent) -> bool,
-    ) -> SimEvent {
-        let events = &mut self.events;
-        let found = tokio::time::timeout(WAIT, async {
-            loop {
-                match events.recv().await {
-                    Ok(event) if want(&event) => return event,
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => panic!("sim closed"),
-                }
-            }
-        })
-        .await;
-        found.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    /// Waits for the first event matching `want`; panics after [`WAIT`].
+    pub async fn wait_for(&mut self, what: &str, want: impl FnMut(&SimEvent) -> bool) -> SimEvent {
+        edgetwin_sim::wait_for(&mut self.events, WAIT, want)
+            .await
+            .unwrap_or_else(|e| panic!("waiting for {what}: {e}"))
     }
 
     /// Waits for the ack of `property` at desired `$version`; returns the ack.
