@@ -75,9 +75,9 @@ impl SharedKey {
     /// A fresh key of 32 random bytes from the operating system's CSPRNG (the emulator
     /// uses it for hub-generated device, module and policy keys).
     pub fn generate() -> SharedKey {
-        use rand::RngCore as _;
+        // ThreadRng is a CSPRNG (ChaCha12) seeded from the operating system.
         let mut bytes = vec![0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        rand::Rng::fill(&mut rand::rng(), &mut bytes[..]);
         let base64 = BASE64.encode(&bytes);
         SharedKey { bytes, base64 }
     }

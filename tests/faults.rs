@@ -81,7 +81,7 @@ async fn s1_hub_restarts_during_a_patch_stream() {
     for _ in 0..restarts {
         stream.send_n(&env, per_round);
         // Strike at a random point of the acknowledgements' flow.
-        for _ in 0..stream.rng.gen_range(0..4) {
+        for _ in 0..stream.rng.random_range(0..4) {
             if next_event(&mut env.events, Duration::from_secs(5), is_ack)
                 .await
                 .is_none()
@@ -119,14 +119,14 @@ async fn s2_connections_dropped_at_random_points() {
     let mut between_patch_and_ack = 0;
 
     for _ in 0..drops {
-        let cut_before_ack = stream.rng.gen_bool(0.5);
+        let cut_before_ack = stream.rng.random_bool(0.5);
         if cut_before_ack {
             env.sim().faults().drop_connection_after_reported(1);
             between_patch_and_ack += 1;
         }
         stream.send_n(&env, patches / drops);
         if !cut_before_ack {
-            for _ in 0..stream.rng.gen_range(0..3) {
+            for _ in 0..stream.rng.random_range(0..3) {
                 if next_event(&mut env.events, Duration::from_secs(5), is_ack)
                     .await
                     .is_none()
@@ -238,17 +238,17 @@ async fn s4_lost_late_duplicate_and_reordered_traffic() {
     let mut counts = [0u64; 5];
 
     for _ in 0..rounds {
-        let n = stream.rng.gen_range(3..8);
+        let n = stream.rng.random_range(3..8);
         faults.duplicate_desired_notifications(n);
         stream.send_n(&env, u64::from(n));
         counts[0] += u64::from(n);
 
-        let n = stream.rng.gen_range(2..5);
+        let n = stream.rng.random_range(2..5);
         faults.reorder_desired_notifications(n);
         stream.send_n(&env, 2 * u64::from(n) + 1);
         counts[1] += u64::from(n);
 
-        let n = stream.rng.gen_range(1..4);
+        let n = stream.rng.random_range(1..4);
         faults.drop_desired_notifications(n);
         stream.send_n(&env, u64::from(n) + 2);
         counts[2] += u64::from(n);
@@ -431,11 +431,11 @@ async fn s6_daemon_sigkilled_during_a_patch_stream() {
     for _ in 0..kills {
         let started = Instant::now();
         let mut child = spawn_daemon(&config, &log);
-        let burst = stream.rng.gen_range(1..6);
+        let burst = stream.rng.random_range(1..6);
         stream.send_n(&env, burst);
         // Strike after a random number of hub events: before the connect, between the
         // GET and its answer, between a patch and its ack, ...
-        for _ in 0..stream.rng.gen_range(1..12) {
+        for _ in 0..stream.rng.random_range(1..12) {
             if next_event(&mut env.events, Duration::from_secs(5), |_| true)
                 .await
                 .is_none()
@@ -455,7 +455,7 @@ async fn s6_daemon_sigkilled_during_a_patch_stream() {
         // counts both).
         monitor.read();
         // Patches keep coming while the daemon is down.
-        let burst = stream.rng.gen_range(0..3);
+        let burst = stream.rng.random_range(0..3);
         stream.send_n(&env, burst);
     }
     let t = Instant::now();

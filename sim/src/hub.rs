@@ -257,7 +257,7 @@ pub const METHODS_FILTER: &str = "$iothub/methods/POST/#";
 
 pub(super) fn generation_id() -> String {
     use rand::Rng;
-    format!("63{:016}", rand::thread_rng().gen_range(0..10u64.pow(16)))
+    format!("63{:016}", rand::rng().random_range(0..10u64.pow(16)))
 }
 
 pub(super) fn identity_etag(seq: u64) -> String {

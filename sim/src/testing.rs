@@ -86,7 +86,7 @@ pub fn key(device_id: &str, module_id: &str) -> ModuleKey {
     }
 }
 
-/// rustls 0.22 (rumqttc's) client config trusting only the sim's CA.
+/// rustls (rumqttc's re-export) client config trusting only the sim's CA.
 pub fn client_tls(ca_pem: &str) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {

@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use edgetwin::identity::{ModuleCredentials, SharedKey};
 use edgetwin_sim::service_side::TwinWrite;
 use edgetwin_sim::{Sim, SimEvent};
-use rumqttc::mqttbytes::v4::{read, Connect, Login, Packet as RawPacket, PingReq, Publish};
+use rumqttc::mqttbytes::v4::{Connect, Login, Packet as RawPacket, PingReq, Publish};
 use rumqttc::mqttbytes::{Protocol, QoS as RawQoS};
 use rumqttc::{ConnectReturnCode, ConnectionError, LastWill, Packet, QoS, SubscribeReasonCode};
 use serde_json::{json, Value};
@@ -120,7 +120,7 @@ impl Raw {
     async fn recv(&mut self) -> Option<RawPacket> {
         let fut = async {
             loop {
-                match read(&mut self.buf, 1 << 20) {
+                match RawPacket::read(&mut self.buf, 1 << 20) {
                     Ok(p) => return Some(p),
                     Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
                     Err(e) => panic!("bad packet from the hub: {e}"),

@@ -39,7 +39,7 @@ impl BackoffPolicy {
             return initial;
         }
         let span = (ceiling - initial).as_millis() as u64;
-        initial + Duration::from_millis(rand::thread_rng().gen_range(0..=span))
+        initial + Duration::from_millis(rand::rng().random_range(0..=span))
     }
 }
 

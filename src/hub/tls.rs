@@ -3,8 +3,8 @@
 //!
 //! [`CaBundle`] is read and checked by `config` validation, so a CA file the session
 //! could not use is refused by `check-config` exactly as by `run`; [`client_config`] then
-//! only assembles. rumqttc 0.24 is built on rustls 0.22, so this uses its re-export
-//! rather than the crate's own rustls.
+//! only assembles. It uses rumqttc's rustls re-export, the same rustls 0.23 that reqwest
+//! is built on (one rustls in the daemon, with the `ring` provider).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -101,9 +101,10 @@ impl fmt::Debug for CaBundle {
 pub fn client_config(extra: Option<&CaBundle>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     // A gateway without a CA bundle can still reach a hub whose CA is given in ca_file.
-    if let Ok(native) = rustls_native_certs::load_native_certs() {
-        let _ = roots.add_parsable_certificates(native);
-    }
+    // Unreadable or unparsable system anchors are skipped: the hub may be trusted
+    // through ca_file alone.
+    let native = rustls_native_certs::load_native_certs();
+    let _ = roots.add_parsable_certificates(native.certs);
     if let Some(bundle) = extra {
         // Every one was checked by `CaBundle::from_pem`, so none is dropped here.
         roots.add_parsable_certificates(bundle.certificates.iter().cloned());

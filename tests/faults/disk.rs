@@ -113,7 +113,7 @@ async fn held_while_unpersisted(
 ) -> u64 {
     let failures = logged("persist_failed");
     let first = stream.send(env);
-    let more = stream.rng.gen_range(0..3);
+    let more = stream.rng.random_range(0..3);
     let v = stream.send_n(env, more);
     let (seen, state) = env.get_state_marker().await;
     assert_eq!(state["desiredVersion"], json!(v), "{fault}: v{v} in force");

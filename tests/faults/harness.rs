@@ -61,7 +61,7 @@ pub fn rng(scenario: &str) -> StdRng {
     let seed = std::env::var("EDGETWIN_FAULT_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::thread_rng().gen());
+        .unwrap_or_else(|| rand::rng().random());
     println!("fault scenario {scenario}: seed {seed}");
     StdRng::seed_from_u64(seed)
 }
@@ -151,10 +151,10 @@ impl Stream {
 
     pub fn patch(&mut self) -> Value {
         let n = self.sent + 1;
-        let key = format!("k{}", self.rng.gen_range(0..8));
+        let key = format!("k{}", self.rng.random_range(0..8));
         let mut patch = Map::new();
         patch.insert("seq".into(), json!(n));
-        match self.rng.gen_range(0..10) {
+        match self.rng.random_range(0..10) {
             0 => {
                 patch.insert(key, Value::Null);
             }

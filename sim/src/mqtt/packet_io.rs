@@ -5,7 +5,7 @@ use std::io;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{read, Packet};
+use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::mqttbytes::Error as CodecError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::timeout;
@@ -56,7 +56,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PacketIo<S> {
     /// The next complete packet. Cancel-safe: bytes read so far stay in `rbuf`.
     pub(super) async fn read_packet(&mut self) -> Result<Packet, ReadError> {
         loop {
-            match read(&mut self.rbuf, MAX_PACKET_SIZE) {
+            match Packet::read(&mut self.rbuf, MAX_PACKET_SIZE) {
                 Ok(p) => return Ok(p),
                 Err(CodecError::InsufficientBytes(n)) => {
                     self.rbuf.reserve(n.max(1024));
