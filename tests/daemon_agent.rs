@@ -261,20 +261,36 @@ async fn resync_gets_the_twin_again_and_resends_the_report_in_flight() {
 
 #[tokio::test]
 async fn change_hook_gets_the_new_state_on_stdin() {
-    let mut h = Harness::start_with_hook(|out| format!("cat > {out}.tmp && mv {out}.tmp {out}"));
+    // The hook is a separate process: it writes what it got, then says so on a FIFO.
+    let mut h = Harness::start_with_hook(|out| {
+        format!("cat > {out}.tmp && mv {out}.tmp {out} && echo done > {out}.done")
+    });
+    let out = h.dir.path().join("hook.json");
+    let done = h.dir.path().join("hook.json.done");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&done)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success(), "mkfifo failed");
+    // Read-write, so the FIFO never reads as closed before the hook opens it.
+    let fifo = tokio::net::unix::pipe::OpenOptions::new()
+        .read_write(true)
+        .open_receiver(&done)
+        .expect("fifo opened");
     h.synced(json!({}), 1).await;
     h.send(desired(2, json!({"telemetryInterval": 7}))).await;
     h.expect_report().await;
-    let out = h.dir.path().join("hook.json");
-    // The hook is a separate process; its output file is the only thing to wait on.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let seen: Value = loop {
-        if let Ok(bytes) = std::fs::read(&out) {
-            break serde_json::from_slice(&bytes).expect("hook got JSON");
-        }
-        assert!(tokio::time::Instant::now() < deadline, "hook never ran");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut line = String::new();
+    tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(fifo), &mut line),
+    )
+    .await
+    .expect("the hook ran")
+    .expect("fifo read");
+    assert_eq!(line, "done\n");
+    let seen: Value =
+        serde_json::from_slice(&std::fs::read(&out).expect("hook output")).expect("hook got JSON");
     assert_eq!(seen["properties"]["telemetryInterval"], json!(7));
     assert_eq!(seen["desired_version"], json!(2));
     h.stop().await;

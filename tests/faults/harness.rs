@@ -551,20 +551,9 @@ use tracing_subscriber::Layer as _;
 pub async fn next_event(
     events: &mut broadcast::Receiver<SimEvent>,
     within: Duration,
-    mut want: impl FnMut(&SimEvent) -> bool,
+    want: impl FnMut(&SimEvent) -> bool,
 ) -> Option<SimEvent> {
-    tokio::time::timeout(within, async {
-        loop {
-            match events.recv().await {
-                Ok(e) if want(&e) => return Some(e),
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
-        }
-    })
-    .await
-    .ok()
-    .flatten()
+    edgetwin_sim::wait_for(events, within, want).await.ok()
 }
 
 /// The highest `av` in a reported patch.
