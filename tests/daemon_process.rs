@@ -109,3 +109,59 @@ async fn systemd_notifications_signals_and_clean_logs() {
         assert!(!log.contains(secret), "log leaks a secret ({secret:.12}…)");
     }
 }
+
+/// PID 1 stalled: a `NOTIFY_SOCKET` whose reader never reads fills up after a few
+/// messages. The daemon must still apply and acknowledge patches and stop on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_socket_nobody_reads_blocks_neither_acks_nor_sigterm() {
+    let mut env = Env::start().await;
+    let config = env.sim_dir.path().join("edgetwin.toml");
+    env.settings("[log]\nformat = \"text\"");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock_path = dir.path().join("notify.sock");
+    let _stalled_manager = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind");
+    // Full before the daemon starts: every notification it sends finds no room.
+    let filler = std::os::unix::net::UnixDatagram::unbound().expect("socket");
+    filler.set_nonblocking(true).expect("non-blocking");
+    let mut queued = 0;
+    loop {
+        match filler.send_to(b"STATUS=filler\n", &sock_path) {
+            Ok(_) => queued += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the notify socket: {e}"),
+        }
+    }
+    assert!(queued > 0, "the notify socket took nothing");
+
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgetwin"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "20000")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("edgetwin runs");
+    let pid = child.id().expect("pid");
+
+    env.wait_connected().await;
+    for interval in [41, 42, 43] {
+        let version = env.set_desired(json!({ "telemetryInterval": interval }));
+        env.wait_ack("telemetryInterval", version).await;
+    }
+    signal(pid, "TERM");
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("SIGTERM honoured while the notify socket is full")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        env.state_file()["properties"]["telemetryInterval"],
+        json!(43)
+    );
+}
