@@ -37,6 +37,11 @@ use hook::{HookRunner, HookTask};
 const MAX_PENDING_REPORTED: usize = 1024;
 /// Wait before retrying a failed state write or a twin GET the hub refused.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// How long a confirmed reported version may wait for the next write of the state. Losing
+/// it costs nothing but one reported patch sent again after a crash, so it rides along
+/// with the next applied patch (one durable write per patch) and is written on its own
+/// only once the twin has been quiet this long.
+const WRITE_BEHIND: Duration = Duration::from_secs(2);
 
 /// What the agent is configured with; the live-changeable part arrives again on reload.
 #[derive(Debug, Clone)]
@@ -77,6 +82,8 @@ pub struct Agent {
     in_flight: Option<Map<String, Value>>,
     /// The state in force is not on disk yet: acks must wait (rule 6).
     unpersisted: bool,
+    /// When a confirmed reported version not yet on disk is written on its own.
+    write_behind_at: Option<Instant>,
     connected: bool,
     retry_at: Option<Instant>,
     get_retry_at: Option<Instant>,
@@ -109,6 +116,7 @@ impl Agent {
             pending: ReportedCoalescer::new(MAX_PENDING_REPORTED),
             in_flight: None,
             unpersisted: false,
+            write_behind_at: None,
             connected: false,
             retry_at: None,
             get_retry_at: None,
@@ -154,6 +162,10 @@ impl Agent {
                     if self.unpersisted && self.persist().await {
                         self.pump(&links).await;
                     }
+                }
+                _ = sleep_until(self.write_behind_at) => {
+                    self.write_behind_at = None;
+                    self.persist().await;
                 }
                 _ = sleep_until(self.get_retry_at) => {
                     self.get_retry_at = None;
@@ -217,7 +229,8 @@ impl Agent {
                         tracing::debug!(reported_version = ?version, "reported patch confirmed");
                         if version.is_some_and(|v| self.sync.reported_confirmed(v)) {
                             self.publish_state();
-                            self.persist().await;
+                            self.write_behind_at
+                                .get_or_insert_with(|| Instant::now() + WRITE_BEHIND);
                         }
                     }
                     Err(TwinFailure::Lost) => self.pending.restore(patch),
@@ -343,6 +356,8 @@ impl Agent {
         match written {
             Ok(Ok(())) => {
                 self.unpersisted = false;
+                // Whatever waited to be written went with this write.
+                self.write_behind_at = None;
                 true
             }
             Ok(Err(e)) => self.persist_failed(e.to_string()),

@@ -135,12 +135,15 @@ impl Harness {
         serde_json::from_slice(&bytes).expect("JSON")
     }
 
-    async fn stop(self) {
+    /// Stops the agent; returns its state directory, which lives as long as the caller
+    /// keeps it.
+    async fn stop(self) -> tempfile::TempDir {
         self.stop.cancel();
         tokio::time::timeout(WAIT, self.task)
             .await
             .expect("agent stops")
             .expect("no panic");
+        self.dir
     }
 }
 
@@ -294,4 +297,54 @@ async fn change_hook_gets_the_new_state_on_stdin() {
     assert_eq!(seen["properties"]["telemetryInterval"], json!(7));
     assert_eq!(seen["desired_version"], json!(2));
     h.stop().await;
+}
+
+#[tokio::test]
+async fn a_confirmed_report_rides_along_with_the_next_patch_write() {
+    let mut h = Harness::start();
+    h.synced(json!({}), 1).await;
+    h.send(desired(2, json!({"telemetryInterval": 5}))).await;
+    let patch = h.expect_report().await;
+    h.send(HubEvent::Reported {
+        patch,
+        result: Ok(Some(7)),
+    })
+    .await;
+    // The confirmation was handled before this answer; it cost no write of its own.
+    h.send(method("getState", "after-confirmation")).await;
+    let state = h.expect_method_response("after-confirmation").await;
+    assert_eq!(state["reportedVersion"], json!(7), "confirmed in memory");
+    assert_ne!(
+        h.state_file()["reported_version"],
+        json!(7),
+        "not yet on disk"
+    );
+
+    // The next applied patch's one write carries it.
+    h.send(desired(3, json!({"telemetryInterval": 6}))).await;
+    h.expect_report().await;
+    let on_disk = h.state_file();
+    assert_eq!(on_disk["desired_version"], json!(3));
+    assert_eq!(on_disk["reported_version"], json!(7));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_confirmation_not_yet_written_is_written_at_stop() {
+    let mut h = Harness::start();
+    h.synced(json!({}), 1).await;
+    h.send(desired(2, json!({"telemetryInterval": 5}))).await;
+    let patch = h.expect_report().await;
+    h.send(HubEvent::Reported {
+        patch,
+        result: Ok(Some(9)),
+    })
+    .await;
+    h.send(method("getState", "confirmed")).await;
+    h.expect_method_response("confirmed").await;
+    let dir = h.stop().await;
+    let on_disk: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).expect("state.json"))
+            .expect("state.json is JSON");
+    assert_eq!(on_disk["reported_version"], json!(9));
 }
