@@ -43,6 +43,7 @@ pub struct RawHub {
     pub sas_ttl: String,
     pub keep_alive: String,
     pub backoff: RawBackoff,
+    pub refused_backoff: RawBackoff,
     pub proxy: String,
 }
 
@@ -57,6 +58,10 @@ impl Default for RawHub {
             sas_ttl: "1h".into(),
             keep_alive: "60s".into(),
             backoff: RawBackoff::default(),
+            refused_backoff: RawBackoff {
+                initial: "1m".into(),
+                max: "1h".into(),
+            },
             proxy: String::new(),
         }
     }
