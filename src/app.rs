@@ -231,6 +231,10 @@ pub async fn run_with(
             Ok(()) = connection.changed() => {
                 let state = *connection.borrow_and_update();
                 status.set(&notifier, describe.status(state, &view.borrow()));
+                // TODO(issue 16, re-provisioning; being built separately): with `device`
+                // or `dps` provisioning, once `ConnectionState::Refused { attempts, .. }`
+                // reaches a threshold, re-provision the module identity once and hand the
+                // new credential to the session with `live_credential.provisioned(..)`.
             }
             Ok(()) = view.changed() => {
                 let state = view.borrow_and_update().clone();

@@ -46,22 +46,28 @@ impl LiveCredential {
         let source = settings.hub.credentials.clone();
         *lock(&self.source) = source.clone();
         match read(&source) {
-            Ok(new) => {
-                if let Some(to_session) = &self.to_session {
-                    to_session.send_if_modified(|current| {
-                        let changed = *current != new;
-                        if changed {
-                            *current = new;
-                        }
-                        changed
-                    });
-                }
-            }
+            Ok(new) => self.provisioned(new),
             Err(problem) => tracing::warn!(
                 edgetwin_event = "credential_unreadable",
                 problem,
                 "cannot read the module credential after the reload; keeping the one in use"
             ),
+        }
+    }
+}
+
+impl LiveCredential {
+    /// Hands `new` to the session when it differs from the last one handed over (the hook
+    /// for re-provisioning after repeated refusals, too: see the TODO in `run_with`).
+    pub(super) fn provisioned(&self, new: ModuleCredentials) {
+        if let Some(to_session) = &self.to_session {
+            to_session.send_if_modified(|current| {
+                let changed = *current != new;
+                if changed {
+                    *current = new;
+                }
+                changed
+            });
         }
     }
 }

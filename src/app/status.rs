@@ -36,7 +36,7 @@ impl Describe {
                 "connected to {} as {}/{}, {twin}",
                 self.hub, self.device, self.module
             ),
-            ConnectionState::Refused { until, code } => format!(
+            ConnectionState::Refused { until, code, .. } => format!(
                 "credentials refused by the hub {} (CONNACK {code}); retrying in {}; \
                  fix the credential file or reload; {twin} in force",
                 self.hub,
@@ -81,7 +81,12 @@ mod tests {
     fn refused_credentials_say_why_until_when_and_what_to_do() {
         let state = RuntimeState::default();
         let until = Instant::now() + Duration::from_secs(5 * 60);
-        let text = describe().status(ConnectionState::Refused { until, code: 5 }, &state);
+        let refused = ConnectionState::Refused {
+            until,
+            code: 5,
+            attempts: 3,
+        };
+        let text = describe().status(refused, &state);
         assert_eq!(
             text,
             "credentials refused by the hub hub.example (CONNACK 5); retrying in 5 min; \

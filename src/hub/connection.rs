@@ -51,10 +51,12 @@ pub enum ConnectionState {
         until: Instant,
     },
     /// The hub refused the credentials; no attempt before `until`. `code` is the CONNACK
-    /// return code (4 or 5).
+    /// return code (4 or 5); `attempts` the refusals since the last success or credential
+    /// change (what re-provisioning after repeated refusals would count).
     Refused {
         until: Instant,
         code: u8,
+        attempts: u32,
     },
     /// After a refusal: reading the hub's time to tell a wrong clock from a wrong key.
     CheckingClock,
@@ -247,6 +249,7 @@ impl Connection {
             } => ConnectionState::Refused {
                 until,
                 code: code as u8,
+                attempts: self.refusals,
             },
             Phase::MeasuringClock { .. } => ConnectionState::CheckingClock,
         }

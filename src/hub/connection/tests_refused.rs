@@ -87,7 +87,8 @@ fn a_refusal_after_the_correction_backs_off_long_without_measuring_again() {
         c.state(),
         ConnectionState::Refused {
             until: now + REFUSED_POLICY.initial,
-            code: 5
+            code: 5,
+            attempts: 2
         }
     );
     assert_eq!(c.state().describe(), "credentials refused");
