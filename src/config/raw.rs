@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::errors::ConfigErrors;
 use super::LogFormat;
+use crate::hub::connection::REFUSED_BACKOFF;
 use crate::hub::options::HubTransport;
 use crate::twin::{AckStyle, PropertyType, UnknownPolicy};
 
@@ -59,8 +60,8 @@ impl Default for RawHub {
             keep_alive: "60s".into(),
             backoff: RawBackoff::default(),
             refused_backoff: RawBackoff {
-                initial: "1m".into(),
-                max: "1h".into(),
+                initial: super::duration::format(REFUSED_BACKOFF.initial),
+                max: super::duration::format(REFUSED_BACKOFF.max),
             },
             proxy: String::new(),
         }

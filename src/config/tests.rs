@@ -396,7 +396,9 @@ fn refused_backoff_defaults_to_a_minute_up_to_an_hour_and_is_checked_like_backof
         assert_eq!(found, ["hub.refused_backoff.max"], "{errors}");
         let body = with_credentials("refused_backoff = { initial = \"2h\", max = \"1h\" }\n");
         let (_, main) = setup(jail, &body);
-        let e = find(&load_err(&main), "hub.refused_backoff.initial").message.clone();
+        let e = find(&load_err(&main), "hub.refused_backoff.initial")
+            .message
+            .clone();
         assert!(e.contains("longer than hub.refused_backoff.max"), "{e}");
         Ok(())
     });

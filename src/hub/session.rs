@@ -34,8 +34,8 @@ mod traffic;
 
 use refusal::Clock;
 
+pub use super::connection::ConnectionState;
 use super::connection::{Action, Connection, Failure};
-pub use super::connection::{ConnectionState, REFUSED_BACKOFF};
 use super::hub_time::TimeSource;
 use super::options::{credentials, mqtt_options, ReadCredential};
 pub use super::options::{HttpProxy, HubTransport, SessionConfig};

@@ -34,7 +34,8 @@ pub(super) struct Clock {
 }
 
 impl Clock {
-    /// Readings of `config`'s hub, run on `tasks` until `stop`; results on `readings`.
+    /// Readings from `source`, each a task of `tasks` abandoned at `stop`; results on
+    /// `readings`.
     pub(super) fn new(
         source: Result<TimeSource, String>,
         readings: mpsc::Sender<ClockReading>,
