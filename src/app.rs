@@ -12,10 +12,20 @@
 //!
 //! - `signals`: [`handle_signals`] turns SIGTERM/SIGINT/SIGHUP into cancellation and
 //!   reloads.
+//! - `status`: the `STATUS=` text.
+//! - `credential`: the module credential while running: read again after a refusal and
+//!   on reload, so a fixed credential is used without a restart.
+//!
+//! A refused credential never stops the daemon: the session checks the clock, then backs
+//! off long, and `STATUS=` says so until a new credential is accepted.
 
+mod credential;
 mod signals;
+mod status;
 
 pub use signals::handle_signals;
+
+use status::{twin_words, Describe, Status};
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -28,7 +38,7 @@ use tracing::Instrument as _;
 use crate::agent::{Agent, AgentConfig, AgentControl, AgentLinks};
 use crate::config::Settings;
 use crate::hub::backoff::{Backoff, BackoffPolicy};
-use crate::hub::session::{ConnectionState, Session, SessionConfig, SessionError};
+use crate::hub::session::{ConnectionState, Session, SessionConfig};
 use crate::identity::ModuleCredentials;
 use crate::provision::{Plan, ProvisionError};
 use crate::systemd::{feed_watchdog, Heartbeat, Notifier};
@@ -45,9 +55,6 @@ pub enum AppError {
     /// A configuration problem (credential missing or malformed, proxy, CA file).
     #[error("{0}")]
     Config(String),
-    /// The hub refused the module credential for good.
-    #[error(transparent)]
-    Unauthorized(SessionError),
     /// The state directory is unusable (it is configuration, `state.dir`).
     #[error("state directory {}: {source}", dir.display())]
     StateDir {
@@ -139,7 +146,8 @@ pub async fn run_with(
             }
         }
     };
-    let session_config = session_config(&settings, credentials.clone());
+    let mut live_credential = credential::LiveCredential::new(settings.hub.credentials.clone());
+    let session_config = session_config(&settings, credentials.clone(), &live_credential);
     let agent_heart = Heartbeat::new();
     let session_heart = Heartbeat::new();
     agent_heart.beat();
@@ -175,6 +183,7 @@ pub async fn run_with(
 
     let (session, link) = Session::new(session_config, session_heart.clone());
     let mut connection = link.state.clone();
+    live_credential.connect(link.credentials);
     if let Some(on_ready) = control.on_ready {
         let _ = on_ready.send(ReadyView {
             state: view.clone(),
@@ -183,7 +192,7 @@ pub async fn run_with(
     }
     let (control_tx, control_rx) = mpsc::channel(4);
     if let Some(new) = deferred_reload {
-        span.in_scope(|| reload(&settings, &new, &control_tx));
+        span.in_scope(|| reload(&settings, &new, &control_tx, &live_credential));
         settings = new;
     }
     let links = AgentLinks {
@@ -222,13 +231,17 @@ pub async fn run_with(
             Ok(()) = connection.changed() => {
                 let state = *connection.borrow_and_update();
                 status.set(&notifier, describe.status(state, &view.borrow()));
+                // TODO(issue 16, re-provisioning; being built separately): with `device`
+                // or `dps` provisioning, once `ConnectionState::Refused { attempts, .. }`
+                // reaches a threshold, re-provision the module identity once and hand the
+                // new credential to the session with `live_credential.provisioned(..)`.
             }
             Ok(()) = view.changed() => {
                 let state = view.borrow_and_update().clone();
                 status.set(&notifier, describe.status(*connection.borrow(), &state));
             }
             Some(new) = reloads.recv() => {
-                span.in_scope(|| reload(&settings, &new, &control_tx));
+                span.in_scope(|| reload(&settings, &new, &control_tx, &live_credential));
                 settings = new;
                 notifier.ready(&describe.status(*connection.borrow(), &view.borrow()));
             }
@@ -253,33 +266,42 @@ pub async fn run_with(
     };
     session_stop.cancel();
     let session_result = match session_result {
-        Some(r) => r,
+        // The session ends only when asked to: if it ended by itself, that is a bug.
+        Some(Ok(())) => Err(AppError::Internal("the hub session ended by itself".into())),
+        Some(Err(e)) => Err(AppError::Internal(format!("session task failed: {e}"))),
         None => match tokio::time::timeout(STOP_GRACE, &mut session_task).await {
-            Ok(r) => r,
+            Ok(r) => r.map_err(|e| AppError::Internal(format!("session task failed: {e}"))),
             Err(_) => {
                 session_task.abort();
                 span.in_scope(|| tracing::error!("session did not stop in time"));
-                Ok(Ok(()))
+                Ok(())
             }
         },
     };
     watchdog_stop.cancel();
     tasks.wait().await;
-    match (session_result, agent_result) {
-        (Ok(Err(e)), _) => Err(AppError::Unauthorized(e)),
-        (Err(e), _) => Err(AppError::Internal(format!("session task failed: {e}"))),
-        (Ok(Ok(())), Err(e)) => Err(AppError::Internal(format!("agent task failed: {e}"))),
-        (Ok(Ok(())), Ok(())) => Ok(()),
-    }
+    session_result?;
+    agent_result.map_err(|e| AppError::Internal(format!("agent task failed: {e}")))
 }
 
-/// Applies what can change live (DESIGN §2): twin schema and ack style, telemetry, hook.
-/// The log level is applied by whoever owns the [`LogHandle`]; hub, provisioning and
-/// state settings need a restart. Settings compare by value, secrets included, so a
-/// changed inline connection string is noticed too.
-fn reload(old: &Settings, new: &Settings, control: &mpsc::Sender<AgentControl>) {
+/// Applies what can change live (DESIGN §2): twin schema and ack style, telemetry, hook,
+/// and the module credential (read again from its source, which may have changed: a
+/// new key is used from the next connect, at once when the old one was refused). The log
+/// level is applied by whoever owns the [`LogHandle`]; the other hub settings (a
+/// credential for another identity included), provisioning and state need a restart.
+fn reload(
+    old: &Settings,
+    new: &Settings,
+    control: &mpsc::Sender<AgentControl>,
+    credential: &credential::LiveCredential,
+) {
+    credential.reloaded(new);
+    let other_hub_settings = crate::config::HubSettings {
+        credentials: old.hub.credentials.clone(),
+        ..new.hub.clone()
+    };
     let restart: Vec<&str> = [
-        ("hub", old.hub != new.hub),
+        ("hub", old.hub != other_hub_settings),
         ("provisioning", old.provisioning != new.provisioning),
         ("state", old.state != new.state),
     ]
@@ -301,46 +323,6 @@ fn reload(old: &Settings, new: &Settings, control: &mpsc::Sender<AgentControl>) 
     });
     if sent.is_err() {
         tracing::warn!("agent busy; reload not applied");
-    }
-}
-
-/// The last `STATUS=` sent, so only changes are sent.
-#[derive(Default)]
-struct Status(String);
-
-impl Status {
-    fn set(&mut self, notifier: &Notifier, text: String) {
-        if self.0 != text {
-            notifier.status(&text);
-            self.0 = text;
-        }
-    }
-}
-
-struct Describe {
-    hub: String,
-    device: String,
-    module: String,
-}
-
-impl Describe {
-    /// `STATUS=` text (DESIGN §6).
-    fn status(&self, connection: ConnectionState, state: &RuntimeState) -> String {
-        let twin = twin_words(state);
-        match connection {
-            ConnectionState::Connected => format!(
-                "connected to {} as {}/{}, {twin}",
-                self.hub, self.device, self.module
-            ),
-            other => format!("{} ({}), {twin} in force", other.describe(), self.hub),
-        }
-    }
-}
-
-fn twin_words(state: &RuntimeState) -> String {
-    match state.desired_version {
-        Some(v) => format!("twin v{v}"),
-        None => "twin not seen yet".to_owned(),
     }
 }
 
@@ -475,7 +457,11 @@ async fn watchdog_fed<F: std::future::Future>(notifier: &Notifier, work: F) -> F
 
 /// Assembles the session's configuration from values `config` already validated (proxy,
 /// gateway host, CA bundle included), so it cannot fail.
-fn session_config(settings: &Settings, credentials: ModuleCredentials) -> SessionConfig {
+fn session_config(
+    settings: &Settings,
+    credentials: ModuleCredentials,
+    live: &credential::LiveCredential,
+) -> SessionConfig {
     let hub = &settings.hub;
     SessionConfig {
         credentials,
@@ -485,8 +471,10 @@ fn session_config(settings: &Settings, credentials: ModuleCredentials) -> Sessio
         sas_ttl: hub.sas_ttl,
         keep_alive: hub.keep_alive,
         backoff: hub.backoff,
+        refused_backoff: hub.refused_backoff,
         twin_timeout: TWIN_TIMEOUT,
         proxy: hub.proxy.clone(),
+        reread: Some(live.reader()),
     }
 }
 

@@ -85,6 +85,9 @@ pub struct HubSettings {
     pub keep_alive: Duration,
     /// Exponential reconnect backoff with full jitter; `0 < initial <= max`.
     pub backoff: BackoffPolicy,
+    /// The same after refused credentials that the clock did not explain: long, as a
+    /// wrong key does not fix itself (default 1 min up to 1 h).
+    pub refused_backoff: BackoffPolicy,
     pub proxy: Option<HttpProxy>,
 }
 

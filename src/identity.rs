@@ -7,7 +7,9 @@
 //!   PROTOCOL.md §1.1;
 //! - SAS token signing ([`sign`], [`token`]) with the Python device SDK's `sr` encoding,
 //!   and SAS token parsing and verification ([`SasToken`]) as the emulator needs it
-//!   (PROTOCOL.md §2.2–2.4).
+//!   (PROTOCOL.md §2.2–2.4);
+//! - [`clock`]: the wall clock token expiries are computed from, shifted by the skew
+//!   measured against the hub's `Date` when the machine's clock is wrong.
 //!
 //! Users: the daemon (module connection string → MQTT password), provisioning (service
 //! connection string → registry REST `Authorization`), and the emulator (`sim`: generates
@@ -515,6 +517,7 @@ impl ServiceCredentials {
     }
 }
 
+pub mod clock;
 mod sas;
 pub use sas::{encode_resource_uri, sign, token, SasError, SasToken};
 

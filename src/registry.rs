@@ -11,13 +11,20 @@
 //! real etag (if the first one went through, the etag changed and the repeat gets 412).
 //! A PATCH with `If-Match: "*"` and a direct-method POST are repeated only when the hub
 //! cannot have acted on them: 429, or no connection made.
+//!
+//! A 401 whose `Date` shows this machine's clock off by more than the tolerance is sent
+//! once more at once, signed against the hub's time; the skew is kept for the client's
+//! later requests (a gateway without a battery-backed clock boots with a wrong time).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::hub::backoff::BackoffPolicy;
+use crate::identity::clock::{exceeds_tolerance, hub_time, SkewedClock};
 use crate::identity::{ConnectionStringError, ServiceCredentials};
 
 pub const API_VERSION: &str = "2021-04-12";
@@ -139,6 +146,9 @@ pub struct RegistryClient {
     credentials: ServiceCredentials,
     retry: RetryPolicy,
     request_timeout: Duration,
+    /// Seconds the hub's clock is ahead of the machine's, as a 401's `Date` showed;
+    /// shared by the clones of this client.
+    skew_secs: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -176,6 +186,7 @@ impl RegistryClient {
             credentials,
             retry: RetryPolicy::default(),
             request_timeout: REQUEST_TIMEOUT,
+            skew_secs: Arc::new(AtomicI64::new(0)),
         })
     }
 
@@ -409,11 +420,34 @@ impl RegistryClient {
     ) -> Result<Value, RegistryError> {
         let started = tokio::time::Instant::now();
         let mut attempt = 1;
+        let mut clock_corrected = None;
         loop {
-            let failure = match self.attempt(&method, path, body, if_match).await {
+            let mut failure = match self.attempt(&method, path, body, if_match).await {
                 Ok(value) => return Ok(value),
                 Err(failure) => failure,
             };
+            if let RegistryError::Unauthorized(message) = &mut failure.error {
+                match (clock_corrected, failure.hub_clock) {
+                    // A 401 is not acted on: sending it again is safe for any request.
+                    (None, Some(hub)) if exceeds_tolerance(hub.offset_secs) => {
+                        let skew = hub.skew_secs;
+                        self.skew_secs.store(skew, Ordering::Relaxed);
+                        clock_corrected = Some(skew);
+                        tracing::warn!(
+                            edgetwin_event = "clock_skew",
+                            skew_secs = skew,
+                            "this machine's clock differs from the hub's; signing the \
+                             request again against the hub's time (check NTP)"
+                        );
+                        continue;
+                    }
+                    (Some(skew), _) => message.push_str(&format!(
+                        "; refused also when signed against the hub's time (this \
+                         machine's clock differs from the hub's by {skew} s)"
+                    )),
+                    _ => {}
+                }
+            }
             let retryable = match &failure.error {
                 RegistryError::Throttled(_) => true,
                 RegistryError::Transient(_) => repeat == Repeat::Safe || failure.unprocessed,
@@ -453,10 +487,8 @@ impl RegistryClient {
         body: Option<&Value>,
         if_match: Option<&str>,
     ) -> Result<Value, AttemptFailure> {
-        let expiry = SystemTime::now()
-            .checked_add(TOKEN_TTL)
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
+        let signer = SkewedClock::system(self.skew_secs.load(Ordering::Relaxed));
+        let expiry = signer.expiry(TOKEN_TTL);
         let url = format!("{}{}?api-version={API_VERSION}", self.base, path);
         let mut req = self
             .http
@@ -475,14 +507,23 @@ impl RegistryClient {
         let resp = req.send().await.map_err(|e| AttemptFailure {
             unprocessed: e.is_connect(),
             retry_after: None,
+            hub_clock: None,
             error: RegistryError::Transient(format!("{method} {path}: {}", without_url(&e))),
         })?;
         let status = resp.status();
-        let date = resp
+        // Read at once: compared with the clock this request was signed on.
+        let hub_clock = resp
             .headers()
             .get(reqwest::header::DATE)
             .and_then(|d| d.to_str().ok())
-            .map(str::to_string);
+            .and_then(hub_time)
+            .map(|t| {
+                let offset_secs = signer.offset_to(t);
+                HubClock {
+                    offset_secs,
+                    skew_secs: signer.corrected(offset_secs).skew_secs(),
+                }
+            });
         let code_name = resp
             .headers()
             .get("iothub-errorcode")
@@ -510,17 +551,10 @@ impl RegistryClient {
                 )))
             });
         }
-        let mut message = format!(
+        let message = format!(
             "{method} {path}: {}",
             error_message(&text, code_name.as_deref())
         );
-        if status.as_u16() == 401 {
-            if let Some(skew) = date.as_deref().and_then(clock_skew) {
-                message.push_str(&format!(
-                    "; this machine's clock differs from the hub's by {skew} s — fix the clock (NTP)"
-                ));
-            }
-        }
         let error = match status.as_u16() {
             401 | 403 => RegistryError::Unauthorized(message),
             404 => RegistryError::NotFound(message),
@@ -534,6 +568,7 @@ impl RegistryClient {
             error,
             unprocessed: false,
             retry_after,
+            hub_clock: hub_clock.filter(|_| status.as_u16() == 401),
         })
     }
 }
@@ -545,6 +580,17 @@ struct AttemptFailure {
     unprocessed: bool,
     /// The hub's `Retry-After`, in seconds.
     retry_after: Option<Duration>,
+    /// For a 401: the hub's clock as its `Date` showed it.
+    hub_clock: Option<HubClock>,
+}
+
+/// The hub's clock against ours, from one answer's `Date`.
+#[derive(Debug, Clone, Copy)]
+struct HubClock {
+    /// Seconds the hub is ahead of the clock the request was signed on.
+    offset_secs: i64,
+    /// Seconds the hub is ahead of the machine's clock: the skew to sign with.
+    skew_secs: i64,
 }
 
 impl From<RegistryError> for AttemptFailure {
@@ -553,6 +599,7 @@ impl From<RegistryError> for AttemptFailure {
             error,
             unprocessed: false,
             retry_after: None,
+            hub_clock: None,
         }
     }
 }
@@ -616,17 +663,6 @@ pub fn error_message(body: &str, code_name: Option<&str>) -> String {
     }
 }
 
-/// Seconds between our clock and an HTTP `Date`, when it is more than a few minutes.
-fn clock_skew(date: &str) -> Option<i64> {
-    let theirs = httpdate::parse_http_date(date).ok()?;
-    let now = SystemTime::now();
-    let skew = match now.duration_since(theirs) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    };
-    (skew.abs() >= 120).then_some(skew)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -656,13 +692,5 @@ mod tests {
             "ServerError: <html>oops"
         );
         assert_eq!(error_message("", None), "no error details from the hub");
-    }
-
-    #[test]
-    fn clock_skew_is_reported_only_when_large() {
-        let now = SystemTime::now();
-        assert_eq!(clock_skew(&httpdate::fmt_http_date(now)), None);
-        let skew = clock_skew(&httpdate::fmt_http_date(now - Duration::from_secs(3600))).unwrap();
-        assert!((3590..=3610).contains(&skew), "{skew}");
     }
 }

@@ -229,22 +229,79 @@ async fn malformed_connection_strings_exit_78_naming_the_field_never_the_key() {
 
 // ---- row 5: the hub refuses the credentials, through the binary -----------------------
 
-#[tokio::test]
-async fn refused_credentials_exit_77_after_a_clear_log_without_the_key() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_keep_the_daemon_up_saying_why_until_the_file_is_fixed() {
+    use tokio::io::AsyncReadExt as _;
+
     let env = Env::start().await;
     let mut creds: edgetwin::identity::ModuleCredentials =
         env.connection_string.parse().expect("connection string");
     creds.key = edgetwin::identity::SharedKey::generate();
-    let wrong = creds.to_connection_string();
-    env.settings("[log]\nformat = \"text\"");
+    let credential = env.sim_dir.path().join("module.connstr");
+    std::fs::write(&credential, creds.to_connection_string()).expect("credential written");
+    // Short refused backoff for the test (the default waits minutes).
+    env.settings_with(
+        "refused_backoff = { initial = \"200ms\", max = \"1s\" }",
+        "[log]\nformat = \"text\"",
+    );
     let path = env.sim_dir.path().join("edgetwin.toml");
     let text_before = std::fs::read_to_string(&path).expect("config");
-    std::fs::write(&path, text_before.replace(&env.connection_string, &wrong))
-        .expect("config written");
-    let out = run_binary(&path).await;
-    let all = text(&out);
-    assert_eq!(out.status.code(), Some(77), "{all}");
+    let inline = format!("connection_string = \"{}\"", env.connection_string);
+    let from_file = format!("connection_string_file = \"{}\"", credential.display());
+    assert!(text_before.contains(&inline));
+    std::fs::write(&path, text_before.replace(&inline, &from_file)).expect("config written");
+
+    let mut notes = daemon_support::notify::Notifications::bind();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgetwin"))
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env("NOTIFY_SOCKET", notes.path())
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("EDGETWIN_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("edgetwin runs");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let log = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text).await;
+        text
+    });
+
+    let status = notes.expect("STATUS=credentials refused by the hub").await;
+    assert!(status.contains("CONNACK 5"), "{status}");
+    assert!(
+        status.contains("fix the credential file or reload"),
+        "{status}"
+    );
+    // Refused again on the next attempts: still up, still saying so.
+    let pid = child.id().expect("running");
+    assert!(child.try_wait().expect("status").is_none(), "still running");
+
+    std::fs::write(&credential, &env.connection_string).expect("credential fixed");
+    notes.expect("STATUS=connected to").await;
+    let status = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid}")])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let exit = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("stops in time")
+        .expect("exit status");
+    let all = log.await.expect("log collected");
+    assert_eq!(exit.code(), Some(0), "{all}");
     assert!(all.contains("not authorized"), "clear log: {all}");
+    assert!(
+        all.contains("credentials refused by the hub"),
+        "clear log: {all}"
+    );
+    assert!(all.contains("credential_changed"), "{all}");
     assert!(!all.contains(creds.key.as_base64()), "key printed");
     assert!(!all.contains("SharedAccessSignature"), "token printed");
 }

@@ -14,7 +14,9 @@ use serde_json::json;
 #[tokio::test]
 async fn patches_made_while_disconnected_are_applied_after_reconnect() {
     let mut env = Env::start().await;
-    let mut daemon = Daemon::start(env.settings("")).await;
+    // The refusals (CONNACK 5) back off like refused credentials: minutes by default.
+    let short = "refused_backoff = { initial = \"50ms\", max = \"300ms\" }";
+    let mut daemon = Daemon::start(env.settings_with(short, "")).await;
     env.wait_twin_get().await;
 
     env.sim().faults().refuse_next_connects(3);

@@ -354,7 +354,7 @@ async fn malformed_error_bodies_still_give_a_message() {
 }
 
 #[tokio::test]
-async fn unauthorized_is_final_and_says_when_the_clock_is_off() {
+async fn unauthorized_with_a_clock_off_is_signed_again_once_on_hub_time_then_final() {
     let an_hour_ago = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(3600));
     let server = ScriptedHttps::replying(vec![Reply::hub_error(
         401,
@@ -370,7 +370,38 @@ async fn unauthorized_is_final_and_says_when_the_clock_is_off() {
     let text = err.to_string();
     assert!(text.contains("PUT /devices/d1"), "{text}");
     assert!(text.contains("IotHubUnauthorizedAccess"), "{text}");
-    assert!(text.contains("clock differs from the hub's by"), "{text}");
+    assert!(
+        text.contains("clock differs from the hub's by -3600 s"),
+        "{text}"
+    );
+    // Once more, at once, signed an hour earlier; then no more.
+    let requests = server.requests();
+    assert_eq!(requests.len(), 2);
+    let expiry = |r: &Recorded| {
+        SasToken::parse(r.header("authorization").expect("signed"))
+            .expect("token parses")
+            .expiry
+    };
+    let (first, second) = (expiry(&requests[0]), expiry(&requests[1]));
+    assert!(
+        (3590..=3610).contains(&(first - second)),
+        "{first} {second}"
+    );
+}
+
+#[tokio::test]
+async fn unauthorized_with_the_clock_right_is_final_at_once() {
+    let server = ScriptedHttps::replying(vec![Reply::hub_error(
+        401,
+        "IotHubUnauthorizedAccess",
+        "Unauthorized",
+    )
+    .header("date", &httpdate::fmt_http_date(SystemTime::now()))])
+    .await;
+    let (client, _) = client_of(&server, FAST);
+    let err = client.create_device("d1").await.unwrap_err();
+    assert!(matches!(err, RegistryError::Unauthorized(_)), "{err:?}");
+    assert!(!err.to_string().contains("clock"), "{err}");
     assert_eq!(server.requests().len(), 1);
 }
 

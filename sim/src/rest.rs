@@ -4,18 +4,19 @@
 //! Every request is authorised first (policy token and the operation's right), then must
 //! carry an `api-version` query parameter (any value). Ids in paths are percent-decoded.
 //! Successes return the hub's full JSON document; failures return the hub's newer error
-//! body with an `iothub-errorcode` header. Requests are logged at debug with method, path
-//! and status, never with their headers.
+//! body with an `iothub-errorcode` header. Every answer's `Date` is the hub's clock, the
+//! clock-offset fault included ([`hub_date`]), as clients read the hub's time from it.
+//! Requests are logged at debug with method, path and status, never with their headers.
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, IF_MATCH};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, DATE, IF_MATCH};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -156,6 +157,7 @@ fn router(app: App) -> Router {
         .route("/$iothub/websocket", methods(get(websocket_upgrade)))
         .fallback(not_found)
         .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(app.clone(), stamp_date))
         .with_state(app)
 }
 
@@ -209,6 +211,22 @@ async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> Response {
         "MethodNotAllowed",
         format!("{method} is not supported on {}", uri.path()),
     ))
+}
+
+/// Sets `Date` on every answer (hyper would otherwise set the machine's time).
+async fn stamp_date(State(app): State<App>, req: Request, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    res.headers_mut().insert(DATE, hub_date(&app.hub));
+    res
+}
+
+/// The hub's clock as an HTTP `Date`: the machine's, shifted by the clock-offset fault
+/// (`Faults::set_clock_offset`), the same clock SAS tokens are judged by.
+fn hub_date(hub: &Hub) -> HeaderValue {
+    let offset = hub.state().faults.clock_offset_secs;
+    let now = UNIX_EPOCH + Duration::from_secs(super::hub::hub_unix_now(offset));
+    HeaderValue::from_str(&httpdate::fmt_http_date(now))
+        .expect("an HTTP date is a valid header value")
 }
 
 async fn log_request(req: Request, next: Next) -> Response {
@@ -456,4 +474,29 @@ async fn invoke_method(State(app): State<App>, mut call: Call<(String, String)>)
         Ok((StatusCode::OK, Some(result)))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_date_header_shows_the_hubs_clock_with_its_offset() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub = Hub::open("localhost", dir.path()).expect("hub");
+        let read = |hub: &Hub| {
+            let value = hub_date(hub);
+            httpdate::parse_http_date(value.to_str().expect("text")).expect("an HTTP date")
+        };
+        let skew = |t: SystemTime| match t.duration_since(SystemTime::now()) {
+            Ok(ahead) => ahead.as_secs() as i64,
+            Err(behind) => -(behind.duration().as_secs() as i64),
+        };
+        assert!(skew(read(&hub)).abs() <= 2);
+        let two_days = 2 * 86_400;
+        hub.faults().set_clock_offset(two_days);
+        assert!((skew(read(&hub)) - two_days).abs() <= 2);
+        hub.faults().set_clock_offset(-two_days);
+        assert!((skew(read(&hub)) + two_days).abs() <= 2);
+    }
 }

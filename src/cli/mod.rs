@@ -96,7 +96,6 @@ pub fn provision_exit_code(e: &ProvisionError) -> u8 {
 pub fn exit_code(e: &AppError) -> u8 {
     match e {
         AppError::Config(_) | AppError::StateDir { .. } => exit::CONFIG,
-        AppError::Unauthorized(_) => exit::NOPERM,
         AppError::Provision(e) => provision_exit_code(e),
         AppError::Internal(_) => exit::SOFTWARE,
     }

@@ -64,7 +64,6 @@ pub async fn daemon(path: PathBuf) -> u8 {
 fn event(e: &AppError) -> &'static str {
     match e {
         AppError::Config(_) => "config_invalid",
-        AppError::Unauthorized(_) => "auth_failed",
         AppError::StateDir { .. } => "state_dir_failed",
         AppError::Provision(_) => "provision_failed",
         AppError::Internal(_) => "internal_error",

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::errors::ConfigErrors;
 use super::LogFormat;
+use crate::hub::connection::REFUSED_BACKOFF;
 use crate::hub::options::HubTransport;
 use crate::twin::{AckStyle, PropertyType, UnknownPolicy};
 
@@ -43,6 +44,7 @@ pub struct RawHub {
     pub sas_ttl: String,
     pub keep_alive: String,
     pub backoff: RawBackoff,
+    pub refused_backoff: RawBackoff,
     pub proxy: String,
 }
 
@@ -57,6 +59,10 @@ impl Default for RawHub {
             sas_ttl: "1h".into(),
             keep_alive: "60s".into(),
             backoff: RawBackoff::default(),
+            refused_backoff: RawBackoff {
+                initial: super::duration::format(REFUSED_BACKOFF.initial),
+                max: super::duration::format(REFUSED_BACKOFF.max),
+            },
             proxy: String::new(),
         }
     }

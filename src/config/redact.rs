@@ -48,6 +48,11 @@ pub(super) fn toml(s: &Settings) -> String {
         quote(&duration::format(h.backoff.initial)),
         quote(&duration::format(h.backoff.max))
     ));
+    line(format!(
+        "refused_backoff = {{ initial = {}, max = {} }}",
+        quote(&duration::format(h.refused_backoff.initial)),
+        quote(&duration::format(h.refused_backoff.max))
+    ));
     let proxy = h.proxy.as_ref().map_or(String::new(), HttpProxy::redacted);
     line(format!("proxy = {}", quote(&proxy)));
 

@@ -371,3 +371,35 @@ fn secrets_are_redacted_in_debug_and_check_config_output() {
         Ok(())
     });
 }
+
+#[test]
+fn refused_backoff_defaults_to_a_minute_up_to_an_hour_and_is_checked_like_backoff() {
+    Jail::expect_with(|jail| {
+        let (_, main) = setup(jail, &with_credentials(""));
+        let s = Settings::load(Some(&main)).map_err(|e| e.to_string())?;
+        assert_eq!(s.hub.refused_backoff.initial, Duration::from_secs(60));
+        assert_eq!(s.hub.refused_backoff.max, Duration::from_secs(3600));
+        assert!(s
+            .redacted_toml()
+            .contains("refused_backoff = { initial = \"1m\", max = \"1h\" }"));
+
+        let body = with_credentials("refused_backoff = { initial = \"200ms\", max = \"1s\" }\n");
+        let (_, main) = setup(jail, &body);
+        let s = Settings::load(Some(&main)).map_err(|e| e.to_string())?;
+        assert_eq!(s.hub.refused_backoff.initial, Duration::from_millis(200));
+
+        let body = with_credentials("refused_backoff = { initial = \"2h\", max = \"soon\" }\n");
+        let (_, main) = setup(jail, &body);
+        let errors = load_err(&main);
+        let mut found = keys(&errors);
+        found.sort();
+        assert_eq!(found, ["hub.refused_backoff.max"], "{errors}");
+        let body = with_credentials("refused_backoff = { initial = \"2h\", max = \"1h\" }\n");
+        let (_, main) = setup(jail, &body);
+        let e = find(&load_err(&main), "hub.refused_backoff.initial")
+            .message
+            .clone();
+        assert!(e.contains("longer than hub.refused_backoff.max"), "{e}");
+        Ok(())
+    });
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 use super::credentials::{self, CredentialSource};
 use super::duration;
 use super::errors::ConfigErrors;
-use super::raw::{Layers, RawConfig, RawProperty};
+use super::raw::{Layers, RawBackoff, RawConfig, RawProperty};
 use super::{
     HookSettings, HubSettings, LogSettings, ProvisioningSettings, Settings, StateSettings,
     TelemetrySettings, TwinSettings,
@@ -149,25 +149,13 @@ fn hub(check: &mut Check, raw: &RawConfig, state_dir: &Path, provisioning: bool)
     if keep_alive < KEEP_ALIVE_RANGE.0 || keep_alive > KEEP_ALIVE_RANGE.1 {
         check.fail("hub.keep_alive", "must be between 5s and 1177s");
     }
-    let initial = check.duration(
-        "hub.backoff.initial",
-        &h.backoff.initial,
-        Duration::from_secs(1),
+    let backoff = backoff_policy(check, "hub.backoff", &h.backoff, Duration::from_secs(1));
+    let refused_backoff = backoff_policy(
+        check,
+        "hub.refused_backoff",
+        &h.refused_backoff,
+        Duration::from_secs(60),
     );
-    let max = check.duration("hub.backoff.max", &h.backoff.max, initial);
-    if initial.is_zero() {
-        check.fail("hub.backoff.initial", "must be more than 0s");
-    }
-    if initial > max {
-        check.fail(
-            "hub.backoff.initial",
-            format!(
-                "{} is longer than hub.backoff.max ({})",
-                duration::format(initial),
-                duration::format(max)
-            ),
-        );
-    }
 
     let transport = h.transport;
     let gateway_host = non_empty(&h.gateway_host).and_then(|text| {
@@ -192,9 +180,36 @@ fn hub(check: &mut Check, raw: &RawConfig, state_dir: &Path, provisioning: bool)
         ca_file,
         sas_ttl,
         keep_alive,
-        backoff: BackoffPolicy { initial, max },
+        backoff,
+        refused_backoff,
         proxy,
     }
+}
+
+/// `{ initial, max }` under `key`: both durations, `0 < initial <= max`.
+fn backoff_policy(
+    check: &mut Check,
+    key: &str,
+    raw: &RawBackoff,
+    fallback: Duration,
+) -> BackoffPolicy {
+    let initial_key = format!("{key}.initial");
+    let initial = check.duration(&initial_key, &raw.initial, fallback);
+    let max = check.duration(&format!("{key}.max"), &raw.max, initial);
+    if initial.is_zero() {
+        check.fail(&initial_key, "must be more than 0s");
+    }
+    if initial > max {
+        check.fail(
+            &initial_key,
+            format!(
+                "{} is longer than {key}.max ({})",
+                duration::format(initial),
+                duration::format(max)
+            ),
+        );
+    }
+    BackoffPolicy { initial, max }
 }
 
 fn provisioning(check: &mut Check, raw: &RawConfig) -> ProvisioningSettings {

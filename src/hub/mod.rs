@@ -3,8 +3,10 @@
 //! - [`session`]: the task that owns the rumqttc event loop and drives [`connection`];
 //!   [`session::HubEvent`] out, [`session::HubCommand`] in, connection state on a `watch`.
 //! - [`connection`]: the connection as a pure state machine with an injected clock:
-//!   connect, SAS renewal at 80 % of the token's life, backoff, refused credentials,
-//!   graceful stop; it hands the session the actions to carry out.
+//!   connect, SAS renewal at 80 % of the token's life, backoff, refused credentials (the
+//!   clock checked, then a long backoff), graceful stop; it hands the session the actions
+//!   to carry out.
+//! - [`hub_time`]: the hub's time from the `Date` of one HTTPS answer, after a refusal.
 //! - [`options`]: CONNECT identity, target, TLS/WebSocket transport and proxy.
 //! - [`topics`]: `$iothub` topics formatted and parsed.
 //! - [`twin_requests`]: `$rid` correlation, timeouts and retries of twin requests.
@@ -13,6 +15,7 @@
 
 pub mod backoff;
 pub mod connection;
+pub mod hub_time;
 pub mod options;
 pub mod session;
 pub mod tls;

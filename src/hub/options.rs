@@ -12,13 +12,14 @@
 use std::fmt;
 use std::net::Ipv6Addr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rumqttc::tokio_rustls::rustls;
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 use serde::{Deserialize, Serialize};
 
 use super::backoff::BackoffPolicy;
+use crate::identity::clock::SkewedClock;
 use crate::identity::ModuleCredentials;
 
 pub const API_VERSION: &str = "2021-04-12";
@@ -128,11 +129,20 @@ pub struct SessionConfig {
     pub sas_ttl: Duration,
     pub keep_alive: Duration,
     pub backoff: BackoffPolicy,
+    /// Reconnect backoff after credentials the hub refused and the clock did not explain.
+    pub refused_backoff: BackoffPolicy,
     /// How long a twin request may stay unanswered before it is sent again.
     pub twin_timeout: Duration,
     /// HTTP CONNECT proxy to tunnel through.
     pub proxy: Option<HttpProxy>,
+    /// Reads the module credential again from where it came from, before each connect
+    /// after a refusal; `None` when it cannot change (written in the config itself).
+    pub reread: Option<ReadCredential>,
 }
+
+/// Reads the module credential from its source (a file, the systemd credential, the
+/// provisioned file). The error names the setting and the file, never the content.
+pub type ReadCredential = Arc<dyn Fn() -> Result<ModuleCredentials, String> + Send + Sync>;
 
 /// An HTTP CONNECT proxy: `http://[user[:password]@]host[:port][/]`. `Debug` and
 /// [`HttpProxy::redacted`] hide the user information.
@@ -223,19 +233,16 @@ pub fn user_name(creds: &ModuleCredentials) -> String {
     )
 }
 
-pub(super) fn credentials(config: &SessionConfig) -> (String, String) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    // Rounded up, so the token lives at least `sas_ttl` and the renewal at 80 % of it
-    // always comes before the hub closes the connection.
-    let expiry = (now + config.sas_ttl.max(Duration::from_secs(1)))
-        .as_secs_f64()
-        .ceil() as u64;
-    (
-        user_name(&config.credentials),
-        config.credentials.sas_token(expiry),
-    )
+/// The MQTT user name and password: a token for `sas_ttl`, its expiry computed now, at
+/// signing, on `clock` (the machine's clock shifted by the skew measured against the
+/// hub), so a clock stepped since the last token never shortens the next one.
+pub(super) fn credentials(
+    creds: &ModuleCredentials,
+    sas_ttl: Duration,
+    clock: &SkewedClock,
+) -> (String, String) {
+    let expiry = clock.expiry(sas_ttl);
+    (user_name(creds), creds.sas_token(expiry))
 }
 
 /// Where the connection goes: `gateway_host` from config, else the connection string's
@@ -423,8 +430,10 @@ mod tests {
             sas_ttl: Duration::from_secs(3600),
             keep_alive: Duration::from_secs(60),
             backoff: BackoffPolicy::default(),
+            refused_backoff: BackoffPolicy::default(),
             twin_timeout: Duration::from_secs(10),
             proxy: None,
+            reread: None,
         };
         assert_eq!(target(&config), host_port("h.example", 443));
         config.transport = HubTransport::Mqtt;
@@ -434,6 +443,30 @@ mod tests {
         assert_eq!(
             mqtt_options(&config).broker_address(),
             ("::1".to_owned(), 1884)
+        );
+    }
+
+    #[test]
+    fn the_token_expiry_is_computed_at_signing_on_the_skewed_clock() {
+        let creds: ModuleCredentials = MODULE.parse().unwrap();
+        let ttl = Duration::from_secs(3600);
+        let expiry = |skew_secs| {
+            let (_, password) = credentials(&creds, ttl, &SkewedClock::system(skew_secs));
+            crate::identity::SasToken::parse(&password)
+                .expect("a token")
+                .expiry
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let plain = expiry(0);
+        assert!((now + 3600..=now + 3602).contains(&plain), "{plain}");
+        let two_days = 2 * 86_400;
+        let ahead = expiry(two_days);
+        assert!(
+            (plain + two_days as u64..=plain + two_days as u64 + 2).contains(&ahead),
+            "{ahead}"
         );
     }
 

@@ -3,13 +3,21 @@
 //!
 //! It polls the event loop and drives the [`Connection`] state machine (connect,
 //! subscribe on every CONNACK 0, renew the SAS token by a planned reconnect, back off,
-//! give up on refused credentials, stop), carrying out the actions it returns; it
-//! correlates twin requests by `$rid` (retrying 429/5xx), and turns `$iothub` traffic into
-//! [`HubEvent`]s for the agent. The agent talks back with [`HubCommand`]s; the connection
-//! state is published on a `watch`. It must never await anything slow: events go out with
-//! `try_send` (a dropped desired patch or twin answer raises [`HubEvent::Resync`]) and
-//! publishes with `try_publish` — awaiting a publish on the task that polls the event
-//! loop deadlocks rumqttc. The poll future is never cancelled mid-flight.
+//! check the clock after refused credentials and back off long, stop), carrying out the
+//! actions it returns; it correlates twin requests by `$rid` (retrying 429/5xx), and turns
+//! `$iothub` traffic into [`HubEvent`]s for the agent. The agent talks back with
+//! [`HubCommand`]s; the connection state is published on a `watch`; a new module
+//! credential arrives on another (reload), and after a refusal the credential is read
+//! again from its source before each connect.
+//!
+//! It must never await anything slow: events go out with `try_send` (a dropped desired
+//! patch or twin answer raises [`HubEvent::Resync`]) and publishes with `try_publish` —
+//! awaiting a publish on the task that polls the event loop deadlocks rumqttc. The one
+//! HTTPS request that reads the hub's time runs as a task of the session's own tracker and
+//! reports back on a channel. The poll future is never cancelled mid-flight.
+//!
+//! - `refusal`: reading the hub's time after a refusal; taking a new module credential.
+//! - `traffic`: commands, `$iothub` publishes and twin answers to and from the agent.
 
 use std::ops::ControlFlow;
 
@@ -19,13 +27,22 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+mod refusal;
+mod traffic;
+
+use refusal::Clock;
+
+pub use super::connection::ConnectionState;
 use super::connection::{Action, Connection, Failure};
-pub use super::connection::{ConnectionState, SessionError, AUTH_FAILURES_AT_START};
-use super::options::{credentials, mqtt_options};
+use super::hub_time::TimeSource;
+use super::options::{credentials, mqtt_options, ReadCredential};
 pub use super::options::{HttpProxy, HubTransport, SessionConfig};
-use super::topics::{self, HubTopic};
-use super::twin_requests::{Finished, TwinFailure, TwinOp, TwinReply, TwinRequests};
+use super::topics;
+use super::twin_requests::{TwinFailure, TwinRequests};
+use crate::identity::clock::SkewedClock;
+use crate::identity::ModuleCredentials;
 use crate::systemd::{Heartbeat, BEAT_EVERY};
 
 const EVENT_CAPACITY: usize = 256;
@@ -73,11 +90,14 @@ pub enum HubCommand {
     Telemetry(Vec<u8>),
 }
 
-/// The agent's ends of the session's channels.
+/// The agent's ends of the session's channels, and the app's.
 pub struct SessionLink {
     pub events: mpsc::Receiver<HubEvent>,
     pub commands: mpsc::Sender<HubCommand>,
     pub state: watch::Receiver<ConnectionState>,
+    /// The app's end: a new module credential (read on reload). Waiting out a refusal,
+    /// the session tries it at once; otherwise it signs with it from the next connect.
+    pub credentials: watch::Sender<ModuleCredentials>,
 }
 
 /// The session task; [`Session::run`] until shutdown.
@@ -86,6 +106,7 @@ pub struct Session {
     events: mpsc::Sender<HubEvent>,
     commands: mpsc::Receiver<HubCommand>,
     state: watch::Sender<ConnectionState>,
+    credentials: watch::Receiver<ModuleCredentials>,
     heartbeat: Heartbeat,
 }
 
@@ -94,66 +115,105 @@ impl Session {
         let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_CAPACITY);
         let (state_tx, state_rx) = watch::channel(ConnectionState::Disconnected);
+        let (credentials_tx, credentials_rx) = watch::channel(config.credentials.clone());
         let session = Session {
             config,
             events: events_tx,
             commands: commands_rx,
             state: state_tx,
+            credentials: credentials_rx,
             heartbeat,
         };
         let link = SessionLink {
             events: events_rx,
             commands: commands_tx,
             state: state_rx,
+            credentials: credentials_tx,
         };
         (session, link)
     }
 
-    /// Runs until `shutdown` (then sends DISCONNECT and returns `Ok`), or until the
-    /// credentials are found to be wrong at start-up.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), SessionError> {
+    /// Runs until `shutdown`, then sends DISCONNECT and returns. Refused credentials do
+    /// not end it: it backs off and tries again, with a corrected clock or a new credential.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tasks = TaskTracker::new();
+        let stop_measuring = CancellationToken::new();
+        self.drive(shutdown, &tasks, &stop_measuring).await;
+        // A reading of the hub's time still in flight is abandoned.
+        stop_measuring.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    async fn drive(
+        self,
+        shutdown: CancellationToken,
+        tasks: &TaskTracker,
+        stop_measuring: &CancellationToken,
+    ) {
         let Session {
             config,
             events,
             mut commands,
             state,
+            credentials: mut new_credentials,
             heartbeat,
         } = self;
         let (client, mut eventloop) = AsyncClient::new(mqtt_options(&config), COMMAND_CAPACITY);
         eventloop
             .network_options
             .set_connection_timeout(config.keep_alive.as_secs().clamp(5, 30));
+        let (readings_tx, mut readings) = mpsc::channel(4);
+        let time_source = TimeSource::new(&config).map_err(|e| e.to_string());
         let mut core = Core {
             client,
             events,
             state,
             requests: TwinRequests::new(config.twin_timeout, config.backoff),
-            connection: Connection::new(config.sas_ttl, config.backoff),
+            connection: Connection::new(config.sas_ttl, config.backoff, config.refused_backoff),
             credentials_due: false,
             resync_pending: false,
             telemetry_topic: topics::telemetry(
                 &config.credentials.device_id,
                 &config.credentials.module_id,
             ),
+            identity: config.credentials.clone(),
+            reread: config.reread.clone(),
+            clock: Clock::new(
+                time_source,
+                readings_tx,
+                tasks.clone(),
+                stop_measuring.clone(),
+            ),
         };
         let mut beat = tokio::time::interval(BEAT_EVERY);
         let start = core.connection.start();
-        if let ControlFlow::Break(result) = core.step(start, None) {
-            return result;
+        if core.step(start, None).is_break() {
+            return;
         }
 
         loop {
             if std::mem::take(&mut core.credentials_due) {
-                let (user, password) = credentials(&config);
+                if core.connection.refused_since_success() {
+                    core.reread();
+                }
+                let signer = SkewedClock::system(core.connection.skew_secs());
+                let (user, password) = credentials(&core.identity, config.sas_ttl, &signer);
                 eventloop.mqtt_options.set_credentials(user, password);
             }
             if !core.connection.polls() {
-                // Backing off: no attempt until the deadline, but commands are answered.
+                // Backing off or reading the hub's time: no attempt until the deadline,
+                // but commands are answered.
                 let flow = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => {
                         let actions = core.connection.shutdown(Instant::now());
                         core.step(actions, None)
+                    }
+                    Some(reading) = readings.recv() => core.clock_reading(reading),
+                    Ok(()) = new_credentials.changed() => {
+                        let new = new_credentials.borrow_and_update().clone();
+                        core.adopt(new, "reload")
                     }
                     _ = sleep_until(core.connection.next_wakeup()) => {
                         let actions = core.connection.timer(Instant::now());
@@ -169,8 +229,8 @@ impl Session {
                         ControlFlow::Continue(())
                     }
                 };
-                if let ControlFlow::Break(result) = flow {
-                    return result;
+                if flow.is_break() {
+                    return;
                 }
                 continue;
             }
@@ -189,6 +249,10 @@ impl Session {
                             core.step(actions, None)
                         }
                         event = &mut poll => break event,
+                        Ok(()) = new_credentials.changed() => {
+                            let new = new_credentials.borrow_and_update().clone();
+                            core.adopt(new, "reload")
+                        }
                         Some(command) = commands.recv() => {
                             core.command(command);
                             ControlFlow::Continue(())
@@ -209,8 +273,8 @@ impl Session {
                         }
                     };
                     // Returning drops the poll future: only ever at the end of the session.
-                    if let ControlFlow::Break(result) = flow {
-                        return result;
+                    if flow.is_break() {
+                        return;
                     }
                 }
             };
@@ -238,8 +302,8 @@ impl Session {
                     core.step(actions, Some(&error))
                 }
             };
-            if let ControlFlow::Break(result) = flow {
-                return result;
+            if flow.is_break() {
+                return;
             }
         }
     }
@@ -256,16 +320,16 @@ struct Core {
     credentials_due: bool,
     resync_pending: bool,
     telemetry_topic: String,
+    /// The module credential tokens are signed with.
+    identity: ModuleCredentials,
+    reread: Option<ReadCredential>,
+    clock: Clock,
 }
 
 impl Core {
     /// Carries out what the connection machine asked for after an input, publishes its
     /// new state, and logs each transition once. `error` is what ended the connection.
-    fn step(
-        &mut self,
-        actions: Vec<Action>,
-        error: Option<&ConnectionError>,
-    ) -> ControlFlow<Result<(), SessionError>> {
+    fn step(&mut self, actions: Vec<Action>, error: Option<&ConnectionError>) -> ControlFlow<()> {
         self.set_state(self.connection.state());
         for action in actions {
             match action {
@@ -298,18 +362,32 @@ impl Core {
                     error = error.map(tracing::field::display),
                     "IoT Hub connection failed"
                 ),
-                Action::Refused { code, attempts } => tracing::error!(
+                Action::Refused { code, attempts } => tracing::warn!(
                     edgetwin_event = "auth_refused",
-                    code = ?code,
+                    code = code as u8,
                     attempts,
-                    "IoT Hub refused the connection (not authorized): check the module credentials and the clock"
+                    "IoT Hub refused the connection (not authorized)"
+                ),
+                Action::MeasureClock => self.clock.measure(self.connection.skew_secs()),
+                Action::ClockSkew { skew_secs } => tracing::warn!(
+                    edgetwin_event = "clock_skew",
+                    skew_secs,
+                    "this machine's clock differs from the hub's; signing SAS tokens against \
+                     the hub's time (check NTP) and connecting again"
                 ),
                 Action::Backoff { until } => tracing::debug!(
                     retry_in_ms =
                         until.saturating_duration_since(Instant::now()).as_millis() as u64,
                     "waiting before the next connect attempt"
                 ),
-                Action::Stop(result) => return ControlFlow::Break(result),
+                Action::RefusedBackoff { until, code } => tracing::error!(
+                    edgetwin_event = "auth_backoff",
+                    code = code as u8,
+                    retry_in_secs = until.saturating_duration_since(Instant::now()).as_secs(),
+                    "credentials refused by the hub, and the clock is not the cause; \
+                     retrying later: fix the credential file or reload"
+                ),
+                Action::Stop => return ControlFlow::Break(()),
             }
         }
         ControlFlow::Continue(())
@@ -351,141 +429,6 @@ impl Core {
             *s = new;
             changed
         });
-    }
-
-    /// Forwards an event without waiting. What cannot be dropped safely raises a resync.
-    fn emit(&mut self, event: HubEvent) {
-        self.flush_resync();
-        if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
-            tracing::warn!(
-                edgetwin_event = "event_dropped",
-                kind = event_kind(&event),
-                "agent is behind; event dropped"
-            );
-            match event {
-                HubEvent::Method { rid, .. } => {
-                    self.publish(topics::method_response(503, &rid), b"null".to_vec());
-                }
-                _ => self.resync_pending = true,
-            }
-        }
-    }
-
-    fn flush_resync(&mut self) {
-        if self.resync_pending && self.events.try_send(HubEvent::Resync).is_ok() {
-            self.resync_pending = false;
-        }
-    }
-
-    fn publish(&self, topic: String, payload: Vec<u8>) -> bool {
-        match self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, false, payload)
-        {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "publish not queued");
-                false
-            }
-        }
-    }
-
-    fn command(&mut self, command: HubCommand) {
-        let now = Instant::now();
-        match command {
-            HubCommand::GetTwin if self.connection.is_connected() => {
-                let p = self.requests.start(TwinOp::Get, now);
-                self.publish(p.topic, p.payload);
-            }
-            HubCommand::GetTwin => self.emit(HubEvent::Twin(Err(TwinFailure::Lost))),
-            HubCommand::Report(patch) if self.connection.is_connected() => {
-                let p = self.requests.start(TwinOp::Report(patch), now);
-                self.publish(p.topic, p.payload);
-            }
-            HubCommand::Report(patch) => self.emit(HubEvent::Reported {
-                patch,
-                result: Err(TwinFailure::Lost),
-            }),
-            HubCommand::MethodResponse {
-                rid,
-                status,
-                payload,
-            } => {
-                if self.connection.is_connected() {
-                    self.publish(topics::method_response(status, &rid), payload);
-                }
-            }
-            HubCommand::Telemetry(payload) => {
-                if self.connection.is_connected() {
-                    self.publish(self.telemetry_topic.clone(), payload);
-                } else {
-                    tracing::debug!("telemetry skipped while disconnected");
-                }
-            }
-        }
-    }
-
-    fn resend_due(&mut self, now: Instant) {
-        for p in self.requests.due(now) {
-            self.publish(p.topic, p.payload);
-        }
-    }
-
-    fn incoming(&mut self, topic: &str, payload: Bytes) {
-        match topics::parse(topic) {
-            Some(HubTopic::DesiredPatch { version }) => {
-                self.emit(HubEvent::Desired { version, payload })
-            }
-            Some(HubTopic::TwinResponse {
-                status,
-                rid,
-                version,
-            }) => {
-                if status == 429 || status >= 500 {
-                    tracing::warn!(status, "twin request throttled or failed; will retry");
-                }
-                if let Some(done) =
-                    self.requests
-                        .response(&rid, status, version, payload, Instant::now())
-                {
-                    self.finished(done);
-                }
-            }
-            Some(HubTopic::MethodRequest { name, rid }) => {
-                self.emit(HubEvent::Method { name, rid, payload })
-            }
-            None => tracing::debug!(topic, "ignoring a publish on an unknown topic"),
-        }
-    }
-
-    fn finished(&mut self, done: Finished) {
-        let event = match (done.op, done.result) {
-            (TwinOp::Get, Ok(TwinReply::Twin(body))) => HubEvent::Twin(Ok(body)),
-            (TwinOp::Get, Ok(TwinReply::Reported(_))) => return,
-            (TwinOp::Get, Err(e)) => HubEvent::Twin(Err(e)),
-            (TwinOp::Report(patch), Ok(TwinReply::Reported(version))) => HubEvent::Reported {
-                patch,
-                result: Ok(version),
-            },
-            (TwinOp::Report(_), Ok(TwinReply::Twin(_))) => return,
-            (TwinOp::Report(patch), Err(e)) => HubEvent::Reported {
-                patch,
-                result: Err(e),
-            },
-        };
-        self.emit(event);
-    }
-}
-
-fn event_kind(event: &HubEvent) -> &'static str {
-    match event {
-        HubEvent::Connected { .. } => "connected",
-        HubEvent::Disconnected => "disconnected",
-        HubEvent::Desired { .. } => "desired",
-        HubEvent::Twin(_) => "twin",
-        HubEvent::Reported { .. } => "reported",
-        HubEvent::Method { .. } => "method",
-        HubEvent::Resync => "resync",
     }
 }
 

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod fault;
+pub mod logs;
 pub mod notify;
 
 use std::path::PathBuf;

@@ -1,31 +1,38 @@
-//! The connection state machine driven through its inputs with a hand-held clock.
+//! The connection state machine driven through its inputs with a hand-held clock:
+//! connect, renewal, backoff and stop. Refusals are in `tests_refused`.
 
 use super::*;
 
-const TTL: Duration = Duration::from_secs(100);
-const REFUSED: Failure = Failure::Refused(ConnectReturnCode::NotAuthorized);
+pub(super) const TTL: Duration = Duration::from_secs(100);
+pub(super) const REFUSED: Failure = Failure::Refused(ConnectReturnCode::NotAuthorized);
 
-fn secs(n: u64) -> Duration {
+pub(super) fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
 
-/// Delays at the top of the jitter range: 1, 2, 4, 8, 8, ... seconds.
-fn ceiling(policy: &BackoffPolicy, attempt: u32) -> Duration {
+/// Delays at the top of the jitter range: 1, 2, 4, 8, 8, ... seconds (refused: 60, 120,
+/// 240, 480, 480, ...).
+pub(super) fn ceiling(policy: &BackoffPolicy, attempt: u32) -> Duration {
     policy
         .initial
         .saturating_mul(1 << attempt.min(16))
         .min(policy.max)
 }
 
-fn connection() -> Connection {
+pub(super) const REFUSED_POLICY: BackoffPolicy = BackoffPolicy {
+    initial: Duration::from_secs(60),
+    max: Duration::from_secs(480),
+};
+
+pub(super) fn connection() -> Connection {
     let policy = BackoffPolicy {
         initial: secs(1),
         max: secs(8),
     };
-    Connection::with_draw(TTL, policy, ceiling)
+    Connection::with_draw(TTL, policy, REFUSED_POLICY, ceiling)
 }
 
-fn connected(now: Instant) -> Connection {
+pub(super) fn connected(now: Instant) -> Connection {
     let mut c = connection();
     c.start();
     c.connack(false, now);
@@ -61,36 +68,6 @@ fn first_start_connects_with_fresh_credentials_and_connack_0_subscribes() {
 }
 
 #[test]
-fn connack_5_three_times_before_any_success_stops_as_unauthorized() {
-    let now = Instant::now();
-    let mut c = connection();
-    c.start();
-    for attempt in 1..AUTH_FAILURES_AT_START {
-        let actions = c.failed(REFUSED, now);
-        assert_eq!(
-            actions[0],
-            Action::Refused {
-                code: ConnectReturnCode::NotAuthorized,
-                attempts: attempt
-            }
-        );
-        assert!(matches!(actions[1], Action::Backoff { .. }), "{actions:?}");
-        let until = c.next_wakeup().expect("a backoff deadline");
-        assert_eq!(c.timer(until), vec![Action::Connect]);
-    }
-    let actions = c.failed(REFUSED, now);
-    assert_eq!(
-        actions.last(),
-        Some(&Action::Stop(Err(SessionError::Unauthorized {
-            code: "NotAuthorized".to_owned(),
-            attempts: AUTH_FAILURES_AT_START
-        })))
-    );
-    assert_eq!(c.phase(), Phase::Stopped);
-    assert!(!c.polls());
-}
-
-#[test]
 fn connack_4_counts_as_a_refusal_like_connack_5() {
     let bad_password = ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword);
     let not_authorized = ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized);
@@ -105,26 +82,6 @@ fn connack_4_counts_as_a_refusal_like_connack_5() {
         Failure::of(&ConnectionError::NetworkTimeout),
         Failure::Other
     );
-}
-
-#[test]
-fn refusals_after_a_success_back_off_and_never_stop() {
-    let mut now = Instant::now();
-    let mut c = connected(now);
-    c.failed(Failure::Other, now);
-    for attempt in 1..=10 {
-        now = c.next_wakeup().expect("a backoff deadline");
-        c.timer(now);
-        let actions = c.failed(REFUSED, now);
-        assert_eq!(
-            actions[0],
-            Action::Refused {
-                code: ConnectReturnCode::NotAuthorized,
-                attempts: attempt
-            }
-        );
-        assert!(matches!(c.phase(), Phase::Backoff { .. }), "{actions:?}");
-    }
 }
 
 #[test]
@@ -210,7 +167,7 @@ fn delays_drawn_with_full_jitter_stay_within_the_policy() {
         initial: secs(1),
         max: secs(8),
     };
-    let mut c = Connection::new(TTL, policy);
+    let mut c = Connection::new(TTL, policy, REFUSED_POLICY);
     c.start();
     assert_eq!(backoff_after(&mut c, Failure::Other, now), secs(1));
     for _ in 0..20 {
@@ -226,7 +183,7 @@ fn stop_while_connecting_is_immediate() {
     let now = Instant::now();
     let mut c = connection();
     c.start();
-    assert_eq!(c.shutdown(now), vec![Action::Stop(Ok(()))]);
+    assert_eq!(c.shutdown(now), vec![Action::Stop]);
     assert_eq!(c.state(), ConnectionState::Disconnected);
     assert_eq!(c.shutdown(now), vec![], "asked twice, stopped once");
 }
@@ -234,7 +191,7 @@ fn stop_while_connecting_is_immediate() {
 #[test]
 fn stop_before_start_is_immediate() {
     let mut c = connection();
-    assert_eq!(c.shutdown(Instant::now()), vec![Action::Stop(Ok(()))]);
+    assert_eq!(c.shutdown(Instant::now()), vec![Action::Stop]);
     assert_eq!(c.start(), vec![]);
 }
 
@@ -247,7 +204,7 @@ fn stop_while_connected_sends_disconnect_and_stops_when_it_went_out() {
     assert_eq!(c.shutdown(now), vec![], "asked twice, one DISCONNECT");
     assert_eq!(
         c.disconnect_sent(),
-        vec![Action::Lost { planned: true }, Action::Stop(Ok(()))]
+        vec![Action::Lost { planned: true }, Action::Stop]
     );
     assert_eq!(c.state(), ConnectionState::Disconnected);
 }
@@ -261,7 +218,7 @@ fn stop_while_connected_gives_up_on_the_disconnect_at_the_grace_deadline() {
     assert_eq!(c.timer(now + STOP_GRACE - Duration::from_millis(1)), vec![]);
     assert_eq!(
         c.timer(now + STOP_GRACE),
-        vec![Action::Lost { planned: true }, Action::Stop(Ok(()))]
+        vec![Action::Lost { planned: true }, Action::Stop]
     );
 }
 
@@ -272,7 +229,7 @@ fn stop_while_connected_ends_on_a_connection_error_too() {
     c.shutdown(now);
     assert_eq!(
         c.failed(Failure::Other, now),
-        vec![Action::Lost { planned: true }, Action::Stop(Ok(()))]
+        vec![Action::Lost { planned: true }, Action::Stop]
     );
 }
 
@@ -284,7 +241,7 @@ fn stop_while_renewing_disconnects_and_does_not_reconnect() {
     assert_eq!(c.shutdown(now + secs(80)), vec![Action::Disconnect]);
     assert_eq!(
         c.disconnect_sent(),
-        vec![Action::Lost { planned: true }, Action::Stop(Ok(()))]
+        vec![Action::Lost { planned: true }, Action::Stop]
     );
 }
 
@@ -295,7 +252,7 @@ fn stop_during_backoff_is_immediate() {
     c.start();
     c.failed(Failure::Other, now);
     assert!(!c.polls());
-    assert_eq!(c.shutdown(now), vec![Action::Stop(Ok(()))]);
+    assert_eq!(c.shutdown(now), vec![Action::Stop]);
     assert_eq!(c.next_wakeup(), None);
     assert_eq!(c.timer(now + secs(60)), vec![], "no connect after the stop");
 }
