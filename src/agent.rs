@@ -165,7 +165,10 @@ impl Agent {
                 }
                 _ = sleep_until(self.write_behind_at) => {
                     self.write_behind_at = None;
-                    self.persist().await;
+                    // It may also be the write acks were waiting for (a failed one before).
+                    if self.persist().await {
+                        self.pump(&links).await;
+                    }
                 }
                 _ = sleep_until(self.get_retry_at) => {
                     self.get_retry_at = None;
