@@ -53,11 +53,12 @@ struct App {
     tasks: TaskTracker,
 }
 
-/// Serves HTTPS until `shutdown`.
+/// Serves HTTPS until `shutdown`; `extra` (the DPS API) is served beside the hub's routes.
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     hub: Hub,
+    extra: Router,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -65,7 +66,8 @@ pub async fn serve(
         hub,
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
-    });
+    })
+    .merge(extra);
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
