@@ -15,6 +15,8 @@
 //!   limits).
 //! - [`persist`]: the durable on-disk form of the registry and twins, and the order of
 //!   its writes.
+//! - [`dps`]: the Device Provisioning Service: enrollments, registrations, the DPS REST
+//!   API; its MQTT side is in [`mqtt`].
 //! - [`tls`]: the emulator's CA and server certificate.
 //! - [`mqtt`]: MQTT 3.1.1 server (TLS and WebSocket transports) for module clients.
 //! - [`rest`]: HTTPS service REST API; it mounts [`websocket`], the MQTT-over-WebSocket
@@ -28,6 +30,7 @@
 
 pub mod demo;
 pub mod device_side;
+pub mod dps;
 pub mod errors;
 pub mod events;
 pub mod hub;
@@ -42,6 +45,7 @@ pub mod topics;
 pub mod twin_doc;
 pub mod websocket;
 
+pub use dps::Dps;
 pub use errors::HubError;
 pub use events::{wait_for, wait_pick, WaitError};
 pub use hub::{Faults, Hub, SimEvent};

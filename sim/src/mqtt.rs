@@ -1,5 +1,7 @@
 //! MQTT 3.1.1 server for module clients (PROTOCOL §3–§5), over TLS ([`serve_tls`]) or any
-//! byte stream such as a WebSocket ([`serve_connection`]).
+//! byte stream such as a WebSocket ([`serve_connection`]). A CONNECT whose user name is a
+//! DPS one (`{idScope}/registrations/{id}/api-version=...`) on the TLS listener goes to the
+//! emulated DPS instead ([`dps`], PROTOCOL §12.1).
 //!
 //! One task per connection: TLS handshake, CONNECT (authenticated by [`Hub::connect`]),
 //! then a loop that reads client packets, drains the hub's outbound channel and watches the
@@ -24,11 +26,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, Instrument as _};
 
 mod connect;
+mod dps;
 mod packet_io;
 
 use self::connect::{authenticate, refuse_in_place, Will};
 use self::packet_io::{packet_name, PacketIo, ReadError};
 use super::device_side::MAX_TELEMETRY_BYTES;
+use super::dps::Dps;
 use super::hub::{Accepted, Hub, ModuleKey, Outbound};
 use super::topics::{parse_publish_topic, ClientTopic};
 
@@ -45,11 +49,12 @@ const MAX_TOKEN_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Outbound bytes batched into one write.
 const WRITE_BATCH: usize = 64 * 1024;
 
-/// Accepts MQTT-over-TLS connections until `shutdown`.
+/// Accepts MQTT-over-TLS connections until `shutdown`; DPS clients go to `dps`.
 pub async fn serve_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     hub: Hub,
+    dps: Option<Dps>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -72,6 +77,7 @@ pub async fn serve_tls(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let hub = hub.clone();
+        let dps = dps.clone();
         let shutdown = shutdown.clone();
         let span = tracing::debug_span!("mqtt", %peer);
         tasks.spawn(
@@ -81,7 +87,7 @@ pub async fn serve_tls(
                     r = timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => r,
                 };
                 match handshake {
-                    Ok(Ok(tls)) => serve_connection(tls, hub, shutdown).await,
+                    Ok(Ok(tls)) => serve_connection_with_dps(tls, hub, dps, shutdown).await,
                     Ok(Err(e)) => debug!(error = %e, "emulator: MQTT TLS handshake failed"),
                     Err(_) => debug!("emulator: MQTT TLS handshake timed out"),
                 }
@@ -94,6 +100,18 @@ pub async fn serve_tls(
 /// Serves one MQTT client over an already-established byte stream (TLS or WebSocket).
 pub async fn serve_connection<S>(stream: S, hub: Hub, shutdown: CancellationToken)
 where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    serve_connection_with_dps(stream, hub, None, shutdown).await;
+}
+
+/// [`serve_connection`], handing a DPS client to `dps` when there is one.
+pub async fn serve_connection_with_dps<S>(
+    stream: S,
+    hub: Hub,
+    dps: Option<Dps>,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut io = PacketIo {
@@ -136,6 +154,13 @@ where
             return io.shutdown().await;
         }
     };
+    let is_dps = connect
+        .login
+        .as_ref()
+        .is_some_and(|l| self::dps::dps_identity(&l.username).is_some());
+    if let (true, Some(dps)) = (is_dps, dps) {
+        return self::dps::serve(io, connect, dps, shutdown).await;
+    }
     let Some((accepted, will)) = authenticate(&mut io, &hub, &connect, &shutdown).await else {
         return;
     };

@@ -54,11 +54,12 @@ struct App {
     tasks: TaskTracker,
 }
 
-/// Serves HTTPS until `shutdown`.
+/// Serves HTTPS until `shutdown`; `extra` (the DPS API) is served beside the hub's routes.
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     hub: Hub,
+    extra: Router,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -66,7 +67,8 @@ pub async fn serve(
         hub,
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
-    });
+    })
+    .merge(extra);
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,

@@ -13,6 +13,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::dps::Dps;
 use super::hub::Hub;
 use super::tls;
 
@@ -45,6 +46,7 @@ impl SimConfig {
 pub struct Sim {
     config: SimConfig,
     hub: Hub,
+    dps: Dps,
     mqtt_addr: SocketAddr,
     https_addr: SocketAddr,
     ca_pem: String,
@@ -56,12 +58,14 @@ pub const SERVICE_CONNSTR_FILE: &str = "service.connstr";
 
 impl Sim {
     /// Binds both listeners, loads or creates the state, and writes `ca.pem`,
-    /// `service.connstr` and `policies/<name>.connstr` into the state directory.
+    /// `service.connstr`, `policies/<name>.connstr` and the DPS instance's `dps/id_scope`,
+    /// `dps/group.key` and `dps/endpoint` into the state directory.
     pub async fn start(config: SimConfig) -> anyhow::Result<Sim> {
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating {}", config.state_dir.display()))?;
         let tls = tls::load_or_create(&config.state_dir, &config.hub_name)?;
         let hub = Hub::open(&config.hub_name, &config.state_dir)?;
+        let dps = Dps::open(hub.clone(), &config.state_dir)?;
         let mqtt = TcpListener::bind(config.mqtt_addr)
             .await
             .with_context(|| format!("binding the MQTT listener to {}", config.mqtt_addr))?;
@@ -72,6 +76,7 @@ impl Sim {
         let https_addr = https.local_addr()?;
         let authority = format!("localhost:{}", https_addr.port());
         hub.set_rest_authority(&authority);
+        dps.write_endpoint(&config.state_dir, &authority)?;
 
         let owner = hub
             .policy_connection_string("iothubowner", &authority)
@@ -96,6 +101,7 @@ impl Sim {
             mqtt,
             acceptor.clone(),
             hub.clone(),
+            Some(dps.clone()),
             shutdown.clone(),
             tasks.clone(),
         ));
@@ -103,12 +109,14 @@ impl Sim {
             https,
             acceptor,
             hub.clone(),
+            super::dps::http::router(dps.clone()),
             shutdown.clone(),
             tasks.clone(),
         ));
         Ok(Sim {
             config,
             hub,
+            dps,
             mqtt_addr,
             https_addr,
             ca_pem: tls.ca_pem,
@@ -119,6 +127,11 @@ impl Sim {
 
     pub fn hub(&self) -> &Hub {
         &self.hub
+    }
+
+    /// The emulated Device Provisioning Service (its scope, group key, faults).
+    pub fn dps(&self) -> &Dps {
+        &self.dps
     }
 
     pub fn faults(&self) -> super::hub::Faults {

@@ -11,6 +11,8 @@
 //! daemon's first boot (`app`, which retries what [`ProvisionError::is_retryable`]).
 //! Identity sources beyond the service key (device key, DPS) will live beside this file.
 
+pub mod dps;
+
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;

@@ -82,6 +82,21 @@ class SimProcess:
     def service_connstr(self) -> str:
         return self._read_connstr(self.state_dir / "service.connstr")
 
+    @property
+    def dps_id_scope(self) -> str:
+        """The emulated DPS instance's ID scope (`dps/id_scope`)."""
+        return self._read_connstr(self.state_dir / "dps" / "id_scope")
+
+    @property
+    def dps_group_key(self) -> str:
+        """The key of its enrollment group (`dps/group.key`), base64."""
+        return self._read_connstr(self.state_dir / "dps" / "group.key")
+
+    @property
+    def dps_endpoint(self) -> str:
+        """`host:port` of its DPS REST endpoint (`dps/endpoint`)."""
+        return self._read_connstr(self.state_dir / "dps" / "endpoint")
+
     def policy_connstr(self, policy: str) -> str:
         """Connection string of a shared access policy, e.g. `registryRead`."""
         return self._read_connstr(self.state_dir / "policies" / f"{policy}.connstr")
