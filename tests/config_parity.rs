@@ -165,7 +165,7 @@ fn cases() -> Vec<Case> {
         "",
     );
     bad_service.hub = String::new();
-    bad_service.rest = "[provisioning]\nenabled = true\ndevice_id = \"gw1\"\n\
+    bad_service.rest = "[provisioning]\nmethod = \"service\"\ndevice_id = \"gw1\"\n\
                         service_connection_string_file = \"{dir}/service.connstr\"\n"
         .into();
     bad_service.files.push((
@@ -181,7 +181,7 @@ fn cases() -> Vec<Case> {
     );
     no_module_id.hub = String::new();
     no_module_id.rest = format!(
-        "[provisioning]\nenabled = true\ndevice_id = \"gw1\"\nmodule_id = \"\"\n\
+        "[provisioning]\nmethod = \"service\"\ndevice_id = \"gw1\"\nmodule_id = \"\"\n\
          service_connection_string = \"HostName=h;SharedAccessKeyName=p;SharedAccessKey={KEY}\"\n"
     );
     cases.push(no_module_id);

@@ -32,7 +32,7 @@ fn write_config(work: &Path, mqtt: SocketAddr, ca: &Path, service_file: &Path) -
     let text = format!(
         "[hub]\ngateway_host = \"127.0.0.1:{port}\"\nca_file = {ca:?}\n\
          backoff = {{ initial = \"100ms\", max = \"500ms\" }}\n\n\
-         [provisioning]\nenabled = true\nservice_connection_string_file = {svc:?}\n\
+         [provisioning]\nmethod = \"service\"\nservice_connection_string_file = {svc:?}\n\
          device_id = \"{DEVICE}\"\nmodule_id = \"{MODULE}\"\n\n\
          [state]\ndir = {state:?}\n\n[log]\nlevel = \"debug\"\nformat = \"text\"\n",
         port = mqtt.port(),
