@@ -68,6 +68,8 @@ fn example_config_loads() {
         );
         assert_eq!(s.hub.backoff.max, Duration::from_secs(120));
         assert_eq!(s.provisioning.module_id, "edgetwin");
+        assert_eq!(s.provisioning.method, ProvisioningMethod::None);
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
         assert_eq!(
             s.twin.schema.default_of(TELEMETRY_INTERVAL),
             Some(&serde_json::json!(60))
