@@ -51,7 +51,7 @@ impl RegistryError {
     }
 }
 
-/// Why [`RegistryClient::from_connection_string`] could not build a client. The first two
+/// Why [`super::RegistryClient::from_connection_string`] could not build a client. The first two
 /// are configuration problems (the credential or the CA file the user gave).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientSetupError {
