@@ -48,5 +48,9 @@ async fn provision(
     ca_file: Option<&std::path::Path>,
 ) -> Result<Provisioned, Failure> {
     let settings = Settings::load(config).map_err(|e| Failure::new(exit::CONFIG, e.to_string()))?;
+    // Never a secret in them: keys and files only.
+    for warning in &settings.warnings {
+        eprintln!("edgetwin provision: warning: {warning}");
+    }
     Ok(Plan::from_settings(&settings, ca_file)?.run().await?)
 }
