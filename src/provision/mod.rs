@@ -159,20 +159,15 @@ impl Plan {
         ca_file: Option<&Path>,
     ) -> Result<Plan, ProvisionError> {
         let p = &settings.provisioning;
-        if p.module_id.is_empty() {
-            return Err(ProvisionError::config("provisioning.module_id must be set"));
-        }
-        let configured_ca = settings.hub.ca_file.as_ref().map(CaBundle::path);
-        let ca_file = ca_file.or(configured_ca);
         let config = |e: crate::config::ConfigErrors| ProvisionError::config(e.to_string());
-        let (auth, device_id) = match p.method {
-            ProvisioningMethod::None => {
-                return Err(ProvisionError::config(
-                    "no provisioning method: set provisioning.method to \"device\" (this \
-                     device's connection string) or \"service\" (a registry policy key)",
-                ))
-            }
-            ProvisioningMethod::Dps => return Err(ProvisionError::NotBuilt { method: "dps" }),
+        match p.method {
+            ProvisioningMethod::None => Err(ProvisionError::config(
+                "no provisioning method: set provisioning.method to \"device\" (this \
+                 device's connection string) or \"service\" (a registry policy key)",
+            )),
+            // Registration hands over a device credential; then as `device`, through
+            // [`Plan::for_device`].
+            ProvisioningMethod::Dps => Err(ProvisionError::NotBuilt { method: "dps" }),
             ProvisioningMethod::Service => {
                 let device_id = p.device_id.clone().ok_or_else(|| {
                     ProvisionError::config(
@@ -180,32 +175,55 @@ impl Plan {
                     )
                 })?;
                 let credentials = settings.required_service_identity().map_err(config)?;
-                (RegistryAuth::Service(credentials), device_id)
+                let auth = RegistryAuth::Service(credentials);
+                Plan::new(settings, p.method, auth, device_id, ca_file)
             }
             ProvisioningMethod::Device => {
                 let credentials = settings.required_device_identity().map_err(config)?;
-                let device_id = p
-                    .device_id
-                    .clone()
-                    .unwrap_or_else(|| credentials.device_id.clone());
-                (RegistryAuth::Device(credentials), device_id)
+                Plan::for_device(settings, p.method, credentials, ca_file)
             }
-        };
-        let client = RegistryClient::trusting(auth, ca_file)?.with_retry(RETRY);
+        }
+    }
+
+    /// A plan that provisions the module with a device's own credential (`device`, and
+    /// `dps` once registration assigned one). The device is `provisioning.device_id`
+    /// when configured, else the credential's.
+    pub fn for_device(
+        settings: &Settings,
+        method: ProvisioningMethod,
+        credentials: DeviceCredentials,
+        ca_file: Option<&Path>,
+    ) -> Result<Plan, ProvisionError> {
+        let device_id = settings
+            .provisioning
+            .device_id
+            .clone()
+            .unwrap_or_else(|| credentials.device_id.clone());
+        let auth = RegistryAuth::Device(credentials);
+        Plan::new(settings, method, auth, device_id, ca_file)
+    }
+
+    fn new(
+        settings: &Settings,
+        method: ProvisioningMethod,
+        auth: RegistryAuth,
+        device_id: String,
+        ca_file: Option<&Path>,
+    ) -> Result<Plan, ProvisionError> {
+        let module_id = settings.provisioning.module_id.clone();
+        if module_id.is_empty() {
+            return Err(ProvisionError::config("provisioning.module_id must be set"));
+        }
+        let configured_ca = settings.hub.ca_file.as_ref().map(CaBundle::path);
+        let client = RegistryClient::trusting(auth, ca_file.or(configured_ca))?.with_retry(RETRY);
         Ok(Plan {
-            method: p.method,
+            method,
             host_name: hub_host_name(client.host_name()).to_owned(),
             device_id,
-            module_id: p.module_id.clone(),
+            module_id,
             credential_file: settings.state.provisioned_credentials_file(),
             client,
         })
-    }
-
-    /// The same plan with another client (tests use quicker retries).
-    pub fn with_client(mut self, client: RegistryClient) -> Plan {
-        self.client = client;
-        self
     }
 
     /// Provisions with the plan's method and writes the module credential.
