@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::agent::{Agent, AgentConfig, AgentControl, AgentLinks};
-use crate::config::Settings;
+use crate::config::{ProvisioningMethod, Settings};
 use crate::hub::backoff::{Backoff, BackoffPolicy};
 use crate::hub::session::{ConnectionState, Session, SessionConfig};
 use crate::identity::ModuleCredentials;
@@ -97,14 +97,20 @@ pub async fn run_with(
     control: RunControl,
 ) -> Result<(), AppError> {
     let mut reloads = control.reloads.unwrap_or_else(|| mpsc::channel(1).1);
-    // `None`: first boot, the module credential is still to be provisioned.
-    let credentials = module_credentials(&settings)?;
-    let (device_id, module_id) = match &credentials {
-        Some(c) => (c.device_id.clone(), c.module_id.clone()),
-        None => (
-            settings.provisioning.device_id.clone(),
-            settings.provisioning.module_id.clone(),
-        ),
+    for warning in &settings.warnings {
+        tracing::warn!(edgetwin_event = "config_warning", "{warning}");
+    }
+    // First boot when the module credential is still to be provisioned; the plan (its
+    // secret read once, here) names the identity to be.
+    let start = match module_credentials(&settings)? {
+        Some(c) => Start::Known(c),
+        None => {
+            Start::FirstBoot(Plan::from_settings(&settings, None).map_err(AppError::Provision)?)
+        }
+    };
+    let (device_id, module_id) = match &start {
+        Start::Known(c) => (c.device_id.clone(), c.module_id.clone()),
+        Start::FirstBoot(p) => (p.device_id.clone(), p.module_id.clone()),
     };
     let span = tracing::info_span!(
         "edgetwin",
@@ -116,12 +122,12 @@ pub async fn run_with(
         .await?;
     let notifier = Notifier::from_env();
     // First boot: READY as soon as the local state is in force (DESIGN §3 rule 8), then
-    // provision with STATUS saying so; the service credential is read only here.
-    let first_boot = credentials.is_none();
+    // provision with STATUS saying so.
+    let first_boot = matches!(start, Start::FirstBoot(_));
     let mut deferred_reload = None;
-    let credentials = match credentials {
-        Some(c) => c,
-        None => {
+    let credentials = match start {
+        Start::Known(c) => c,
+        Start::FirstBoot(plan) => {
             let status = format!(
                 "provisioning {device_id}/{module_id}, {} in force",
                 twin_words(&state)
@@ -133,7 +139,7 @@ pub async fn run_with(
                 deferred: None,
                 status,
             };
-            let provisioned = first_boot_credentials(&settings, &mut waiting, &shutdown)
+            let provisioned = first_boot_credentials(&settings, &plan, &mut waiting, &shutdown)
                 .instrument(span.clone())
                 .await?;
             deferred_reload = waiting.deferred;
@@ -326,19 +332,25 @@ fn reload(
     }
 }
 
-/// The module credential; `None` when it is still to be provisioned (first boot with
-/// `[provisioning] enabled`).
+/// How the daemon starts: with its module credential, or provisioning it first.
+enum Start {
+    Known(ModuleCredentials),
+    FirstBoot(Plan),
+}
+
+/// The module credential; `None` when it is still to be provisioned (first boot with a
+/// `[provisioning] method`).
 fn module_credentials(settings: &Settings) -> Result<Option<ModuleCredentials>, AppError> {
     let Some(text) = settings
         .module_credentials()
         .map_err(|e| AppError::Config(e.to_string()))?
     else {
-        if settings.provisioning.enabled {
+        if settings.provisioning.method != ProvisioningMethod::None {
             return Ok(None);
         }
         return Err(AppError::Config(
             "no module credentials: set hub.connection_string(_file), run `edgetwin provision`, \
-             or enable [provisioning]"
+             or choose a [provisioning] method"
                 .into(),
         ));
     };
@@ -348,20 +360,21 @@ fn module_credentials(settings: &Settings) -> Result<Option<ModuleCredentials>, 
         .map_err(|e| AppError::Config(format!("module connection string: {e}")))
 }
 
-/// First boot: creates or fetches the device and module identities (the service
-/// credential is read once, here, and never again once `module.connstr` exists), retrying
-/// with the hub backoff while the hub is unreachable or throttling, and returns the
-/// module credential it wrote. A refusal (401: the policy lacks registry write rights)
-/// is final and returned, not logged. `None` when `shutdown` came first.
+/// First boot: provisions the module identity with the configured method (its secret
+/// was read once, into `plan`, and is never read again once `module.connstr` exists),
+/// retrying with the hub backoff while the hub is unreachable or throttling, and returns
+/// the module credential it wrote. A refusal (401: a policy without registry write
+/// rights, a wrong device key) is final and returned, not logged. `None` when `shutdown`
+/// came first.
 ///
 /// The watchdog is fed on its period meanwhile: every attempt is bounded by the registry
 /// client's request timeout and retry limits, so this loop cannot wedge unnoticed.
 async fn first_boot_credentials(
     settings: &Settings,
+    plan: &Plan,
     waiting: &mut Waiting<'_>,
     shutdown: &CancellationToken,
 ) -> Result<Option<ModuleCredentials>, AppError> {
-    let plan = Plan::from_settings(settings, None).map_err(AppError::Provision)?;
     let mut backoff = Backoff::new(BackoffPolicy {
         initial: settings.hub.backoff.initial,
         max: settings.hub.backoff.max,
@@ -369,7 +382,8 @@ async fn first_boot_credentials(
     tracing::info!(
         edgetwin_event = "provisioning",
         hub = %plan.host_name,
-        "no module credential yet; provisioning the device and module identities"
+        method = plan.method.as_str(),
+        "no module credential yet; provisioning the module identity"
     );
     loop {
         let attempt = tokio::select! {
@@ -382,8 +396,9 @@ async fn first_boot_credentials(
                     edgetwin_event = "provisioned",
                     device_created = done.device_created,
                     module_created = done.module_created,
+                    keys_set = done.keys_set,
                     credential = %done.credential_file.display(),
-                    "module identity provisioned; the service credential is no longer needed"
+                    "module identity provisioned; the provisioning secret is no longer needed"
                 );
                 break;
             }

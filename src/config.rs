@@ -24,6 +24,10 @@
 //! `StateDirectory=` creates it at start; `check-config` typically runs as another user).
 //! - `validate`: raw → typed, cross-field checks.
 //! - `redact`: the effective config as TOML with secrets replaced.
+//!
+//! Besides problems, loading can yield [`Settings::warnings`]: things that work but
+//! should be changed (a deprecated key, a provisioning secret that is gone but no longer
+//! needed). `check-config` prints them with the configuration, `run` logs them.
 
 pub mod credentials;
 pub mod duration;
@@ -35,6 +39,8 @@ mod validate;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_provisioning;
+#[cfg(test)]
 mod tests_run_parity;
 
 use std::path::{Path, PathBuf};
@@ -44,11 +50,15 @@ use serde::{Deserialize, Serialize};
 
 pub use credentials::{CredentialSource, Secret};
 pub use errors::{ConfigError, ConfigErrors};
+pub use raw::DPS_GLOBAL_ENDPOINT;
+
+/// A warning has the shape of a problem (key, origin, message) but does not stop `load`.
+pub type ConfigWarning = ConfigError;
 
 use crate::hub::backoff::BackoffPolicy;
 use crate::hub::options::{HostPort, HttpProxy, HubTransport};
 use crate::hub::tls::CaBundle;
-use crate::identity::{ModuleCredentials, ServiceCredentials};
+use crate::identity::{DeviceCredentials, ModuleCredentials, ServiceCredentials, SharedKey};
 use crate::twin::{AckStyle, Schema};
 
 /// Main configuration file when `--config` is not given.
@@ -67,6 +77,8 @@ pub struct Settings {
     pub state: StateSettings,
     pub hooks: HookSettings,
     pub log: LogSettings,
+    /// What should be changed although it works; never contains a secret.
+    pub warnings: Vec<ConfigWarning>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -91,13 +103,70 @@ pub struct HubSettings {
     pub proxy: Option<HttpProxy>,
 }
 
+/// How the module identity is obtained on first boot (DESIGN §4), least privilege last
+/// here but first in the documentation: `dps`, `device`, `service`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProvisioningMethod {
+    /// The module credential is supplied; nothing is provisioned.
+    #[default]
+    None,
+    /// A registryReadWrite policy key creates the device and the module.
+    Service,
+    /// This device's own connection string creates (or finds) its module.
+    Device,
+    /// The Device Provisioning Service assigns the hub and device, then as `Device`.
+    Dps,
+}
+
+impl ProvisioningMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProvisioningMethod::None => "none",
+            ProvisioningMethod::Service => "service",
+            ProvisioningMethod::Device => "device",
+            ProvisioningMethod::Dps => "dps",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProvisioningSettings {
-    pub enabled: bool,
-    /// Service (registry) credentials; `Some` whenever provisioning is enabled.
+    pub method: ProvisioningMethod,
+    /// Service (registry) credentials, if configured; `service` reads them with
+    /// [`Settings::service_identity`] while provisioning is due.
     pub service_credentials: Option<CredentialSource>,
-    pub device_id: String,
+    /// This device's connection string, if configured (`device`; see
+    /// [`Settings::device_identity`]).
+    pub device_credentials: Option<CredentialSource>,
+    /// The device whose module is provisioned, when known before provisioning: as
+    /// configured, else (`service` only) this machine's hostname. `device` without one
+    /// takes the DeviceId of its credential; `dps` gets it assigned.
+    pub device_id: Option<String>,
     pub module_id: String,
+    pub dps: DpsSettings,
+}
+
+/// `[provisioning.dps]`: what the Device Provisioning Service registration needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DpsSettings {
+    /// `host` or `host:port` of the DPS global endpoint.
+    pub global_endpoint: String,
+    pub id_scope: String,
+    /// Default: this machine's hostname.
+    pub registration_id: String,
+    /// The enrollment key, if configured; read with [`Settings::dps_key`].
+    pub key: Option<(DpsKeyKind, CredentialSource)>,
+}
+
+/// Which DPS enrollment a key belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DpsKeyKind {
+    /// An individual enrollment's key: the device key itself.
+    Individual,
+    /// An enrollment group's key: the device key is derived from it and the
+    /// registration id (PROTOCOL §12.2).
+    Group,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -188,37 +257,71 @@ impl Settings {
         Ok(self.service_identity()?.map(|c| c.to_connection_string()))
     }
 
+    /// [`Self::service_identity`], required: `method = "service"` cannot do without.
+    pub fn required_service_identity(&self) -> Result<ServiceCredentials, ConfigErrors> {
+        self.service_identity()?
+            .ok_or_else(|| missing(ProvisioningMethod::Service))
+    }
+
+    /// This device's own identity (`method = "device"`), if one is configured. A
+    /// module or service connection string in its place is refused, naming the setting.
+    pub fn device_identity(&self) -> Result<Option<DeviceCredentials>, ConfigErrors> {
+        match &self.provisioning.device_credentials {
+            Some(source) => source.read_as(credentials::device_key(source)),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Self::device_identity`], required: `method = "device"` cannot do without.
+    pub fn required_device_identity(&self) -> Result<DeviceCredentials, ConfigErrors> {
+        self.device_identity()?
+            .ok_or_else(|| missing(ProvisioningMethod::Device))
+    }
+
+    /// The DPS enrollment key (`method = "dps"`), read and decoded, if one is configured.
+    pub fn dps_key(&self) -> Result<Option<(DpsKeyKind, SharedKey)>, ConfigErrors> {
+        let Some((kind, source)) = &self.provisioning.dps.key else {
+            return Ok(None);
+        };
+        let key = credentials::dps_key_setting(*kind, source);
+        Ok(source.read_key(key)?.map(|k| (*kind, k)))
+    }
+
+    /// [`Self::dps_key`], required: `method = "dps"` cannot do without.
+    pub fn required_dps_key(&self) -> Result<(DpsKeyKind, SharedKey), ConfigErrors> {
+        self.dps_key()?
+            .ok_or_else(|| missing(ProvisioningMethod::Dps))
+    }
+
     /// Reads and parses the credentials `edgetwin run` reads as it starts: the module
-    /// credential, and the service credential when first-boot provisioning is due.
-    /// `check-config` calls it after [`Self::load`] so that it refuses what `run` would.
-    /// `load` itself reads only inline ones, because the other commands that load the
-    /// config must work while a credential file is still missing or unreadable to them
-    /// (`edgetwin provision` is what writes the module credential).
+    /// credential, and the provisioning secret of the configured method when first-boot
+    /// provisioning is due. `check-config` calls it after [`Self::load`] so that it
+    /// refuses what `run` would. `load` itself reads only inline ones, because the other
+    /// commands that load the config must work while a credential file is still missing
+    /// or unreadable to them (`edgetwin provision` is what writes the module credential).
     pub fn check_credentials(&self) -> Result<(), ConfigErrors> {
         if self.module_identity()?.is_some() {
             return Ok(());
         }
-        // `load` refuses both of these; reached only when a file vanished since.
-        if !self.provisioning.enabled {
-            return Err(ConfigErrors::single(
-                "hub.connection_string_file",
-                None,
-                "no module credentials, and [provisioning] is not enabled to create them",
-            ));
+        match self.provisioning.method {
+            // `load` refuses this; reached only when a file vanished since.
+            ProvisioningMethod::None => Err(missing(ProvisioningMethod::None)),
+            ProvisioningMethod::Service => self.required_service_identity().map(drop),
+            ProvisioningMethod::Device => self.required_device_identity().map(drop),
+            ProvisioningMethod::Dps => self.required_dps_key().map(drop),
         }
-        if self.service_identity()?.is_none() {
-            return Err(ConfigErrors::single(
-                "provisioning.service_connection_string_file",
-                None,
-                "provisioning is enabled but no service connection string is configured",
-            ));
-        }
-        Ok(())
     }
 
-    /// The effective configuration as TOML, every secret replaced by `<redacted>`,
+    /// The effective configuration as TOML, every secret replaced by `<redacted>`, and
+    /// the warnings as comments,
     /// for `edgetwin check-config`.
     pub fn redacted_toml(&self) -> String {
         redact::toml(self)
     }
+}
+
+/// The problem of a provisioning secret that is not configured.
+fn missing(method: ProvisioningMethod) -> ConfigErrors {
+    let (key, message) = credentials::missing_secret(method);
+    ConfigErrors::single(key, None, message)
 }

@@ -90,6 +90,18 @@ impl SharedKey {
         &self.base64
     }
 
+    /// A key derived from this one: HMAC-SHA256(this key, `message`), as a new key.
+    /// Module keys from a device key (`"{moduleId}:{generationId}:primary"`, PROTOCOL
+    /// §11.3, what the Azure IoT Identity Service does) and a DPS device key from an
+    /// enrollment-group key (`registrationId`, §12.2) are both made this way.
+    pub fn derive(&self, message: &str) -> SharedKey {
+        let mut mac = self.mac();
+        mac.update(message.as_bytes());
+        let bytes = mac.finalize().into_bytes().to_vec();
+        let base64 = BASE64.encode(&bytes);
+        SharedKey { bytes, base64 }
+    }
+
     fn mac(&self) -> HmacSha256 {
         HmacSha256::new_from_slice(&self.bytes).expect("HMAC accepts keys of any length")
     }

@@ -1,7 +1,8 @@
 //! Client for the IoT Hub service REST API (registry, module twins, direct methods) over
-//! reqwest with rustls (PROTOCOL §6). Mints a short-lived service SAS token per request
-//! from the policy key. Errors are a typed enum callers branch on; the hub's error body is
-//! parsed into the message users see. Never logs or returns the key or a token.
+//! reqwest with rustls (PROTOCOL §6). Mints a short-lived SAS token per request from a
+//! policy key, or from a device key for that device's own modules (§11, [`RegistryAuth`]).
+//! Errors are a typed enum callers branch on; the hub's error body is parsed into the
+//! message users see. Never logs or returns the key or a token.
 //!
 //! Throttling (429) and transient failures (5xx, timeouts, connection errors) are retried
 //! inside the client with jittered exponential backoff, bounded in attempts and in total
@@ -10,25 +11,36 @@
 //! treat as "exists"; a twin replace is the same replace), DELETE, and a PATCH with a
 //! real etag (if the first one went through, the etag changed and the repeat gets 412).
 //! A PATCH with `If-Match: "*"` and a direct-method POST are repeated only when the hub
-//! cannot have acted on them: 429, or no connection made.
+//! cannot have acted on them: 429, or no connection made. A 429's `Retry-After` is
+//! waited out (plus jitter, within the policy's `max_delay`) before the next attempt.
 //!
 //! A 401 whose `Date` shows this machine's clock off by more than the tolerance is sent
 //! once more at once, signed against the hub's time; the skew is kept for the client's
 //! later requests (a gateway without a battery-backed clock boots with a wrong time).
+//!
+//! - `auth`: [`RegistryAuth`], the token each request carries.
+//! - `errors`: [`RegistryError`], [`ClientSetupError`], the hub's error bodies.
+//! - `request`: one operation on the wire, with its retries.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+mod auth;
+mod errors;
+mod request;
+
+pub use auth::{hub_host_name, RegistryAuth};
+pub use errors::{error_message, ClientSetupError, RegistryError};
+
+use std::path::Path;
+use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::hub::backoff::BackoffPolicy;
-use crate::identity::clock::{exceeds_tolerance, hub_time, SkewedClock};
-use crate::identity::{ConnectionStringError, ServiceCredentials};
+use crate::identity::{DeviceCredentials, ServiceCredentials, SharedKey};
 
 pub const API_VERSION: &str = "2021-04-12";
-/// Service tokens live this long; each request gets a fresh one.
+/// Tokens live this long; each request gets a fresh one.
 const TOKEN_TTL: Duration = Duration::from_secs(300);
 /// Default limit for one request (connect, send, answer).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -73,6 +85,16 @@ impl RetryPolicy {
         }
         .delay(retry)
     }
+
+    /// The pause the hub asked for, at least `first_delay`, plus up to `first_delay` of
+    /// jitter (clients throttled together do not return together), within `max_delay`.
+    fn after(&self, retry_after: Duration) -> Duration {
+        let ceiling = self.max_delay.max(self.first_delay);
+        let jitter = self
+            .first_delay
+            .mul_f64(rand::Rng::random::<f64>(&mut rand::rng()));
+        (retry_after.max(self.first_delay) + jitter).min(ceiling)
+    }
 }
 
 /// Whether a request may be sent again after the hub may have acted on it.
@@ -84,66 +106,12 @@ enum Repeat {
     IfUnprocessed,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error("not authorised: {0}")]
-    Unauthorized(String),
-    #[error("not found: {0}")]
-    NotFound(String),
-    #[error("already exists: {0}")]
-    Conflict(String),
-    #[error("precondition failed (etag changed): {0}")]
-    PreconditionFailed(String),
-    #[error("throttled by the hub: {0}")]
-    Throttled(String),
-    #[error("hub unavailable: {0}")]
-    Transient(String),
-    #[error("rejected by the hub: {0}")]
-    Invalid(String),
-}
-
-impl RegistryError {
-    /// The same error, its message saying the client gave up after `attempts` (> 1).
-    fn after_attempts(self, attempts: u32) -> Self {
-        if attempts <= 1 {
-            return self;
-        }
-        let note = |m: String| format!("{m} (gave up after {attempts} attempts)");
-        match self {
-            RegistryError::Throttled(m) => RegistryError::Throttled(note(m)),
-            RegistryError::Transient(m) => RegistryError::Transient(note(m)),
-            other => other,
-        }
-    }
-
-    /// Worth retrying later with backoff.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            RegistryError::Throttled(_) | RegistryError::Transient(_)
-        )
-    }
-}
-
-/// Why [`RegistryClient::from_connection_string`] could not build a client. The first two
-/// are configuration problems (the credential or the CA file the user gave).
-#[derive(Debug, thiserror::Error)]
-pub enum ClientSetupError {
-    #[error("service connection string: {0}")]
-    ConnectionString(#[from] ConnectionStringError),
-    #[error("CA file {}: {reason}", path.display())]
-    CaFile { path: PathBuf, reason: String },
-    /// The HTTP client itself could not be built.
-    #[error(transparent)]
-    Client(RegistryError),
-}
-
 /// A typed client for one hub.
 #[derive(Clone)]
 pub struct RegistryClient {
     http: reqwest::Client,
     base: String,
-    credentials: ServiceCredentials,
+    auth: RegistryAuth,
     retry: RetryPolicy,
     request_timeout: Duration,
     /// Seconds the hub's clock is ahead of the machine's, as a 401's `Date` showed;
@@ -167,6 +135,19 @@ impl RegistryClient {
         credentials: ServiceCredentials,
         extra_ca_pem: Option<&[u8]>,
     ) -> Result<Self, RegistryError> {
+        Self::with_auth(RegistryAuth::Service(credentials), extra_ca_pem)
+    }
+
+    /// A client signing with a device's own key: it may manage that device's modules
+    /// and nothing else (the hub answers 401 for any other resource).
+    pub fn for_device(
+        credentials: DeviceCredentials,
+        extra_ca_pem: Option<&[u8]>,
+    ) -> Result<Self, RegistryError> {
+        Self::with_auth(RegistryAuth::Device(credentials), extra_ca_pem)
+    }
+
+    fn with_auth(auth: RegistryAuth, extra_ca_pem: Option<&[u8]>) -> Result<Self, RegistryError> {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("edgetwin/", env!("CARGO_PKG_VERSION")));
@@ -182,8 +163,8 @@ impl RegistryClient {
             .map_err(|e| RegistryError::Transient(format!("building the HTTP client: {e}")))?;
         Ok(RegistryClient {
             http,
-            base: format!("https://{}", credentials.host_name),
-            credentials,
+            base: format!("https://{}", auth.endpoint()),
+            auth,
             retry: RetryPolicy::default(),
             request_timeout: REQUEST_TIMEOUT,
             skew_secs: Arc::new(AtomicI64::new(0)),
@@ -197,6 +178,11 @@ impl RegistryClient {
         ca_file: Option<&Path>,
     ) -> Result<Self, ClientSetupError> {
         let credentials: ServiceCredentials = connection_string.trim().parse()?;
+        Self::trusting(RegistryAuth::Service(credentials), ca_file)
+    }
+
+    /// A client signing with `auth`, trusting also the PEM anchors in `ca_file`.
+    pub fn trusting(auth: RegistryAuth, ca_file: Option<&Path>) -> Result<Self, ClientSetupError> {
         let ca_error = |reason: String| ClientSetupError::CaFile {
             path: ca_file.map(Path::to_path_buf).unwrap_or_default(),
             reason,
@@ -205,7 +191,7 @@ impl RegistryClient {
             .map(std::fs::read)
             .transpose()
             .map_err(|e| ca_error(format!("cannot read: {e}")))?;
-        RegistryClient::new(credentials, pem.as_deref()).map_err(|e| match e {
+        RegistryClient::with_auth(auth, pem.as_deref()).map_err(|e| match e {
             RegistryError::Invalid(reason) => ca_error(reason),
             other => ClientSetupError::Client(other),
         })
@@ -227,9 +213,14 @@ impl RegistryClient {
         self.retry
     }
 
-    /// The hub's host name as the service credential gives it (may carry a port).
+    /// The hub's host name as the credential gives it (may carry a port).
     pub fn host_name(&self) -> &str {
-        &self.credentials.host_name
+        self.auth.host_name()
+    }
+
+    /// Whose key signs this client's requests.
+    pub fn auth(&self) -> &RegistryAuth {
+        &self.auth
     }
 
     pub async fn create_device(&self, device_id: &str) -> Result<Value, RegistryError> {
@@ -302,6 +293,38 @@ impl RegistryClient {
         let path = format!("/devices/{}/modules/{}", seg(device_id), seg(module_id));
         self.call(reqwest::Method::GET, &path, None, None, Repeat::Safe)
             .await
+    }
+
+    /// PUT the module's SAS keys, unconditionally (`If-Match: *`, as the Azure IoT
+    /// Identity Service sends it, PROTOCOL §11.1). Setting the same keys again changes
+    /// nothing but the etag, so the request is safe to repeat.
+    pub async fn set_module_keys(
+        &self,
+        device_id: &str,
+        module_id: &str,
+        primary: &SharedKey,
+        secondary: &SharedKey,
+    ) -> Result<Value, RegistryError> {
+        let body = json!({
+            "moduleId": module_id,
+            "deviceId": device_id,
+            "authentication": {
+                "symmetricKey": {
+                    "primaryKey": primary.as_base64(),
+                    "secondaryKey": secondary.as_base64()
+                },
+                "type": "sas"
+            }
+        });
+        let path = format!("/devices/{}/modules/{}", seg(device_id), seg(module_id));
+        self.call(
+            reqwest::Method::PUT,
+            &path,
+            Some(&body),
+            Some("*"),
+            Repeat::Safe,
+        )
+        .await
     }
 
     /// DELETE a module; `etag` `None` sends `If-Match: "*"`.
@@ -408,200 +431,6 @@ impl RegistryClient {
         )
         .await
     }
-
-    /// One operation: attempts within [`RetryPolicy`]; the last error says how many.
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<&Value>,
-        if_match: Option<&str>,
-        repeat: Repeat,
-    ) -> Result<Value, RegistryError> {
-        let started = tokio::time::Instant::now();
-        let mut attempt = 1;
-        let mut clock_corrected = None;
-        loop {
-            let mut failure = match self.attempt(&method, path, body, if_match).await {
-                Ok(value) => return Ok(value),
-                Err(failure) => failure,
-            };
-            if let RegistryError::Unauthorized(message) = &mut failure.error {
-                match (clock_corrected, failure.hub_clock) {
-                    // A 401 is not acted on: sending it again is safe for any request.
-                    (None, Some(hub)) if exceeds_tolerance(hub.offset_secs) => {
-                        let skew = hub.skew_secs;
-                        self.skew_secs.store(skew, Ordering::Relaxed);
-                        clock_corrected = Some(skew);
-                        tracing::warn!(
-                            edgetwin_event = "clock_skew",
-                            skew_secs = skew,
-                            "this machine's clock differs from the hub's; signing the \
-                             request again against the hub's time (check NTP)"
-                        );
-                        continue;
-                    }
-                    (Some(skew), _) => message.push_str(&format!(
-                        "; refused also when signed against the hub's time (this \
-                         machine's clock differs from the hub's by {skew} s)"
-                    )),
-                    _ => {}
-                }
-            }
-            let retryable = match &failure.error {
-                RegistryError::Throttled(_) => true,
-                RegistryError::Transient(_) => repeat == Repeat::Safe || failure.unprocessed,
-                _ => false,
-            };
-            if !retryable {
-                return Err(failure.error);
-            }
-            let pause = failure
-                .retry_after
-                .map(|d| {
-                    d.clamp(
-                        self.retry.first_delay,
-                        self.retry.max_delay.max(self.retry.first_delay),
-                    )
-                })
-                .unwrap_or_else(|| self.retry.delay(attempt - 1));
-            if attempt >= self.retry.attempts || started.elapsed() + pause > self.retry.total {
-                return Err(failure.error.after_attempts(attempt));
-            }
-            tracing::warn!(
-                error = %failure.error,
-                attempt,
-                pause_ms = pause.as_millis() as u64,
-                "hub request failed; retrying"
-            );
-            tokio::time::sleep(pause).await;
-            attempt += 1;
-        }
-    }
-
-    /// One request.
-    async fn attempt(
-        &self,
-        method: &reqwest::Method,
-        path: &str,
-        body: Option<&Value>,
-        if_match: Option<&str>,
-    ) -> Result<Value, AttemptFailure> {
-        let signer = SkewedClock::system(self.skew_secs.load(Ordering::Relaxed));
-        let expiry = signer.expiry(TOKEN_TTL);
-        let url = format!("{}{}?api-version={API_VERSION}", self.base, path);
-        let mut req = self
-            .http
-            .request(method.clone(), &url)
-            .timeout(self.request_timeout)
-            .header("Authorization", self.credentials.sas_token(expiry))
-            .header("Accept", "application/json");
-        if let Some(b) = body {
-            req = req
-                .header("Content-Type", "application/json; charset=utf-8")
-                .body(b.to_string());
-        }
-        if let Some(m) = if_match {
-            req = req.header("If-Match", m);
-        }
-        let resp = req.send().await.map_err(|e| AttemptFailure {
-            unprocessed: e.is_connect(),
-            retry_after: None,
-            hub_clock: None,
-            error: RegistryError::Transient(format!("{method} {path}: {}", without_url(&e))),
-        })?;
-        let status = resp.status();
-        // Read at once: compared with the clock this request was signed on.
-        let hub_clock = resp
-            .headers()
-            .get(reqwest::header::DATE)
-            .and_then(|d| d.to_str().ok())
-            .and_then(hub_time)
-            .map(|t| {
-                let offset_secs = signer.offset_to(t);
-                HubClock {
-                    offset_secs,
-                    skew_secs: signer.corrected(offset_secs).skew_secs(),
-                }
-            });
-        let code_name = resp
-            .headers()
-            .get("iothub-errorcode")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let text = resp.text().await.map_err(|e| {
-            AttemptFailure::from(RegistryError::Transient(format!(
-                "{method} {path}: reading the body: {}",
-                without_url(&e)
-            )))
-        })?;
-        if status.is_success() {
-            if text.trim().is_empty() {
-                return Ok(Value::Null);
-            }
-            return serde_json::from_str(&text).map_err(|e| {
-                AttemptFailure::from(RegistryError::Invalid(format!(
-                    "{method} {path}: hub answered non-JSON: {e}"
-                )))
-            });
-        }
-        let message = format!(
-            "{method} {path}: {}",
-            error_message(&text, code_name.as_deref())
-        );
-        let error = match status.as_u16() {
-            401 | 403 => RegistryError::Unauthorized(message),
-            404 => RegistryError::NotFound(message),
-            409 => RegistryError::Conflict(message),
-            412 => RegistryError::PreconditionFailed(message),
-            429 => RegistryError::Throttled(message),
-            500..=599 => RegistryError::Transient(message),
-            _ => RegistryError::Invalid(message),
-        };
-        Err(AttemptFailure {
-            error,
-            unprocessed: false,
-            retry_after,
-            hub_clock: hub_clock.filter(|_| status.as_u16() == 401),
-        })
-    }
-}
-
-/// A failed attempt, with what the retry decision needs.
-struct AttemptFailure {
-    error: RegistryError,
-    /// The request cannot have reached the hub (no connection was made).
-    unprocessed: bool,
-    /// The hub's `Retry-After`, in seconds.
-    retry_after: Option<Duration>,
-    /// For a 401: the hub's clock as its `Date` showed it.
-    hub_clock: Option<HubClock>,
-}
-
-/// The hub's clock against ours, from one answer's `Date`.
-#[derive(Debug, Clone, Copy)]
-struct HubClock {
-    /// Seconds the hub is ahead of the clock the request was signed on.
-    offset_secs: i64,
-    /// Seconds the hub is ahead of the machine's clock: the skew to sign with.
-    skew_secs: i64,
-}
-
-impl From<RegistryError> for AttemptFailure {
-    fn from(error: RegistryError) -> Self {
-        AttemptFailure {
-            error,
-            unprocessed: false,
-            retry_after: None,
-            hub_clock: None,
-        }
-    }
 }
 
 /// `If-Match` as the SDKs send it: the etag in double quotes, or `"*"`.
@@ -612,85 +441,4 @@ fn quoted(etag: Option<&str>) -> String {
 /// Percent-encodes one path segment (ids may hold characters such as `#` or `?`).
 fn seg(id: &str) -> String {
     percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC).to_string()
-}
-
-/// reqwest errors carry the URL; ours never holds secrets, but keep messages short.
-fn without_url(e: &reqwest::Error) -> String {
-    let mut msg = e.to_string();
-    if let Some(url) = e.url() {
-        msg = msg.replace(url.as_str(), "");
-    }
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
-}
-
-/// The hub's message from either error body format (PROTOCOL §6.7), else the raw text.
-pub fn error_message(body: &str, code_name: Option<&str>) -> String {
-    let parsed: Option<Value> = serde_json::from_str(body).ok();
-    let outer = parsed
-        .as_ref()
-        .and_then(|v| v.get("Message"))
-        .and_then(Value::as_str);
-    let detail = match outer {
-        Some(m) => match serde_json::from_str::<Value>(m) {
-            Ok(inner) => {
-                let code = inner
-                    .get("errorCode")
-                    .map(|c| c.to_string())
-                    .unwrap_or_default();
-                let text = inner.get("message").and_then(Value::as_str).unwrap_or(m);
-                format!("{text} (error {code})")
-            }
-            Err(_) => m.to_string(),
-        },
-        None => {
-            let t = body.trim();
-            if t.is_empty() {
-                "no error details from the hub".to_string()
-            } else {
-                t.chars().take(300).collect()
-            }
-        }
-    };
-    match code_name {
-        Some(name) if !detail.contains(name) => format!("{name}: {detail}"),
-        _ => detail,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_message_reads_the_newer_nested_format() {
-        let body = r#"{"Message":"{\"errorCode\":504101,\"trackingId\":\"x\",\"message\":\"Timed out waiting for the response from device.\",\"info\":{},\"timestampUtc\":\"t\"}","ExceptionMessage":""}"#;
-        assert_eq!(
-            error_message(body, None),
-            "Timed out waiting for the response from device. (error 504101)"
-        );
-    }
-
-    #[test]
-    fn error_message_reads_the_older_format_and_names_the_code() {
-        let body = r#"{"Message":"ErrorCode:DeviceAlreadyExists;Conflict","ExceptionMessage":"Tracking ID:abc"}"#;
-        assert_eq!(
-            error_message(body, Some("DeviceAlreadyExists")),
-            "ErrorCode:DeviceAlreadyExists;Conflict"
-        );
-    }
-
-    #[test]
-    fn error_message_survives_a_malformed_body() {
-        assert_eq!(
-            error_message("<html>oops", Some("ServerError")),
-            "ServerError: <html>oops"
-        );
-        assert_eq!(error_message("", None), "no error details from the hub");
-    }
 }

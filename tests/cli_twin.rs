@@ -313,7 +313,7 @@ async fn provision_twice_writes_the_same_credential_and_prints_no_key() {
     std::fs::write(
         &config,
         format!(
-            "[hub]\nca_file = {ca:?}\n\n[provisioning]\nenabled = true\n\
+            "[hub]\nca_file = {ca:?}\n\n[provisioning]\nmethod = \"service\"\n\
              service_connection_string_file = {svc:?}\ndevice_id = \"{DEVICE}\"\n\
              module_id = \"{MODULE}\"\n\n[state]\ndir = {state:?}\n",
             ca = ts.sim.ca_path(),
@@ -384,7 +384,7 @@ async fn provision_completes_an_interrupted_run() {
     std::fs::write(
         &config,
         format!(
-            "[hub]\nca_file = {ca:?}\n\n[provisioning]\nenabled = true\n\
+            "[hub]\nca_file = {ca:?}\n\n[provisioning]\nmethod = \"service\"\n\
              service_connection_string = \"{svc}\"\ndevice_id = \"{DEVICE}\"\n\
              module_id = \"{MODULE}\"\n\n[state]\ndir = {state:?}\n",
             ca = ts.sim.ca_path(),
@@ -515,7 +515,7 @@ async fn twin_takes_credential_and_ca_from_the_config() {
     std::fs::write(
         &config,
         format!(
-            "[hub]\nca_file = {ca:?}\n\n[provisioning]\nenabled = true\n\
+            "[hub]\nca_file = {ca:?}\n\n[provisioning]\nmethod = \"service\"\n\
              service_connection_string_file = {svc:?}\n\n[state]\ndir = {state:?}\n",
             ca = f.ts.sim.ca_path(),
             svc = service_file,
@@ -645,7 +645,7 @@ async fn provision_against_an_unreachable_hub_exits_69_then_succeeds_once_it_is_
     std::fs::write(
         &config,
         format!(
-            "[provisioning]\nenabled = true\nservice_connection_string = \"{svc}\"\n\
+            "[provisioning]\nmethod = \"service\"\nservice_connection_string = \"{svc}\"\n\
              device_id = \"{DEVICE}\"\nmodule_id = \"{MODULE}\"\n\n[state]\ndir = {state:?}\n"
         ),
     )

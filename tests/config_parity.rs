@@ -1,6 +1,7 @@
 //! `edgetwin check-config` accepts exactly what `edgetwin run` accepts: the same bad
 //! configuration files are fed to both binaries' commands, and both must refuse them with
-//! exit 78 and the same problem, naming the same key. Before validation produced the
+//! exit 78 and the same problem, naming the same key (first-boot provisioning secrets of
+//! the wrong kind included). Before validation produced the
 //! session's own types, several of these passed `check-config` and failed only at `run`
 //! (or, for a proxy port that was not a number, were accepted by both and then tunnelled
 //! to the wrong place).
@@ -165,7 +166,7 @@ fn cases() -> Vec<Case> {
         "",
     );
     bad_service.hub = String::new();
-    bad_service.rest = "[provisioning]\nenabled = true\ndevice_id = \"gw1\"\n\
+    bad_service.rest = "[provisioning]\nmethod = \"service\"\ndevice_id = \"gw1\"\n\
                         service_connection_string_file = \"{dir}/service.connstr\"\n"
         .into();
     bad_service.files.push((
@@ -181,10 +182,46 @@ fn cases() -> Vec<Case> {
     );
     no_module_id.hub = String::new();
     no_module_id.rest = format!(
-        "[provisioning]\nenabled = true\ndevice_id = \"gw1\"\nmodule_id = \"\"\n\
+        "[provisioning]\nmethod = \"service\"\ndevice_id = \"gw1\"\nmodule_id = \"\"\n\
          service_connection_string = \"HostName=h;SharedAccessKeyName=p;SharedAccessKey={KEY}\"\n"
     );
     cases.push(no_module_id);
+
+    for (what, wrong) in [
+        (
+            "first boot with a module connection string as the device credential",
+            format!("HostName=h;DeviceId=gw1;ModuleId=edgetwin;SharedAccessKey={KEY}\n"),
+        ),
+        (
+            "first boot with a service connection string as the device credential",
+            format!("HostName=h;SharedAccessKeyName=registryReadWrite;SharedAccessKey={KEY}\n"),
+        ),
+    ] {
+        let mut wrong_kind = case(what, "provisioning.device_connection_string_file", "");
+        wrong_kind.hub = String::new();
+        wrong_kind.rest = "[provisioning]\nmethod = \"device\"\n\
+                           device_connection_string_file = \"{dir}/device.connstr\"\n"
+            .into();
+        wrong_kind.files.push(("device.connstr", wrong));
+        cases.push(wrong_kind);
+    }
+
+    let mut no_device = case(
+        "first boot with the device method and no device credential",
+        "provisioning.device_connection_string_file",
+        "",
+    );
+    no_device.hub = String::new();
+    no_device.rest = "[provisioning]\nmethod = \"device\"\n".into();
+    cases.push(no_device);
+
+    let mut contradiction = case(
+        "the deprecated enabled = true beside another method",
+        "provisioning.enabled",
+        "",
+    );
+    contradiction.rest = "[provisioning]\nenabled = true\nmethod = \"device\"\n".into();
+    cases.push(contradiction);
 
     let mut bad_level = case("log level that is no filter", "log.level", "");
     bad_level.rest = "[log]\nlevel = \"very=loud=now\"\n".into();
@@ -263,6 +300,27 @@ async fn check_config_accepts_the_base_of_those_configurations() {
         !printed.contains("hunter2") && !printed.contains(KEY),
         "{printed}"
     );
+}
+
+#[tokio::test]
+async fn check_config_accepts_the_deprecated_enabled_and_shows_the_warning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut old = case("deprecated", "", "");
+    old.hub = String::new();
+    old.rest = format!(
+        "[provisioning]\nenabled = true\ndevice_id = \"gw1\"\n\
+         service_connection_string = \"HostName=h;SharedAccessKeyName=p;SharedAccessKey={KEY}\"\n"
+    );
+    let config = write_case(dir.path(), &old);
+    let out = edgetwin("check-config", &config).await;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(printed.contains("method = \"service\""), "{printed}");
+    assert!(
+        printed.contains("# warning: provisioning.enabled: deprecated"),
+        "{printed}"
+    );
+    assert!(!printed.contains(KEY), "{printed}");
 }
 
 /// A self-signed CA certificate (its key was thrown away).

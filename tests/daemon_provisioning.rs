@@ -1,9 +1,12 @@
 //! First boot of `edgetwin run` (a real process under a fake service manager) with
-//! `[provisioning] enabled = true` and no module credential: READY as soon as the local
-//! state is in force with STATUS saying it is provisioning, provisioning retried while
-//! the hub is unreachable, `module.connstr` written (0600), then connected and applying
-//! desired patches. A second boot no longer needs the service credential. A policy
-//! without registry write rights stops the daemon with exit 77 and a log saying why.
+//! `[provisioning] method = "service"` and no module credential: READY as soon as the
+//! local state is in force with STATUS saying it is provisioning, provisioning retried
+//! while the hub is unreachable, `module.connstr` written (0600), then connected and
+//! applying desired patches. A second boot no longer needs the service credential. A
+//! policy without registry write rights stops the daemon with exit 77 and a log saying
+//! why. With `method = "device"` (in-process, `app::run_with`): the module keyed from the
+//! device key, connected, patches acked, a later boot without the device key; a wrong
+//! device key stops it with 77.
 
 mod daemon_support;
 
@@ -16,7 +19,7 @@ use std::sync::Arc;
 
 use daemon_support::notify::Notifications;
 use daemon_support::{DEVICE, MODULE, WAIT};
-use edgetwin::identity::{ModuleCredentials, ServiceCredentials};
+use edgetwin::identity::{ModuleCredentials, ServiceCredentials, SharedKey};
 use edgetwin_sim::service_side::TwinWrite;
 use edgetwin_sim::{Sim, SimConfig, SimEvent};
 use serde_json::json;
@@ -32,7 +35,7 @@ fn write_config(work: &Path, mqtt: SocketAddr, ca: &Path, service_file: &Path) -
     let text = format!(
         "[hub]\ngateway_host = \"127.0.0.1:{port}\"\nca_file = {ca:?}\n\
          backoff = {{ initial = \"100ms\", max = \"500ms\" }}\n\n\
-         [provisioning]\nenabled = true\nservice_connection_string_file = {svc:?}\n\
+         [provisioning]\nmethod = \"service\"\nservice_connection_string_file = {svc:?}\n\
          device_id = \"{DEVICE}\"\nmodule_id = \"{MODULE}\"\n\n\
          [state]\ndir = {state:?}\n\n[log]\nlevel = \"debug\"\nformat = \"text\"\n",
         port = mqtt.port(),
@@ -264,7 +267,12 @@ async fn first_boot_provisions_once_the_hub_is_reachable_then_applies_patches() 
     .await;
     let (code, log) = stop(child, log).await;
     assert_eq!(code, 0, "{log}");
-    assert!(!log.contains("provisioning"), "{log}");
+    assert!(!log.contains("edgetwin_event=\"provisioning\""), "{log}");
+    // Starts, and says the secret is gone but not needed.
+    assert!(
+        log.contains("config_warning") && log.contains("not needed"),
+        "{log}"
+    );
     assert_eq!(std::fs::read_to_string(&credential).unwrap(), written);
     sim.shutdown().await;
 }
@@ -308,5 +316,150 @@ async fn first_boot_with_a_read_only_policy_exits_77() {
     assert!(sim.hub().get_device(DEVICE).is_err(), "nothing created");
     let service: ServiceCredentials = read_only.parse().unwrap();
     assert_no_secrets(&log, &[service.key.as_base64()]);
+    sim.shutdown().await;
+}
+
+/// The daemon's configuration for `method = "device"` with `device_file`, no module
+/// credential (it goes to `<work>/state/module.connstr`).
+fn device_settings(work: &Path, sim: &Sim, device_file: &Path) -> edgetwin::config::Settings {
+    let config = work.join("edgetwin.toml");
+    let text = format!(
+        "[hub]\ngateway_host = \"127.0.0.1:{port}\"\nca_file = {ca:?}\n\
+         backoff = {{ initial = \"100ms\", max = \"500ms\" }}\n\n\
+         [provisioning]\nmethod = \"device\"\ndevice_connection_string_file = {device_file:?}\n\n\
+         [state]\ndir = {state:?}\n",
+        port = sim.mqtt_addr().port(),
+        ca = sim.ca_path(),
+        state = work.join("state"),
+    );
+    std::fs::write(&config, text).expect("config written");
+    edgetwin::config::Settings::load(Some(&config)).expect("valid config")
+}
+
+/// Creates `DEVICE` through the service API and writes its connection string (with the
+/// REST port, as for the emulator) to `<work>/device.connstr`, signed with `key` if given.
+fn device_file(work: &Path, sim: &Sim, key: Option<&SharedKey>) -> (PathBuf, SharedKey) {
+    let doc = sim
+        .hub()
+        .put_device(DEVICE, &json!({}), None)
+        .expect("device created");
+    let hub_key = doc["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let key = key
+        .cloned()
+        .unwrap_or_else(|| SharedKey::from_base64(&hub_key).unwrap());
+    let path = work.join("device.connstr");
+    let text = format!(
+        "HostName={};DeviceId={DEVICE};SharedAccessKey={}\n",
+        sim.rest_authority(),
+        key.as_base64()
+    );
+    std::fs::write(&path, text).expect("device credential written");
+    (path, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_boot_with_a_device_key_provisions_connects_and_later_needs_the_key_no_more() {
+    let sim_dir = tempfile::tempdir().expect("tempdir");
+    let sim = Sim::start(SimConfig::ephemeral(sim_dir.path()))
+        .await
+        .expect("sim starts");
+    let mut events = sim.hub().events();
+    let work = tempfile::tempdir().expect("tempdir");
+    let (device_path, device_key) = device_file(work.path(), &sim, None);
+    let settings = device_settings(work.path(), &sim, &device_path);
+    assert!(settings.warnings.is_empty(), "{:?}", settings.warnings);
+
+    let daemon = daemon_support::Daemon::start(settings).await;
+    wait_event(&mut events, "the provisioned module's connect", |e| {
+        matches!(e, SimEvent::Connected { module, .. }
+            if module.device_id == DEVICE && module.module_id == MODULE)
+    })
+    .await;
+    let credential = work.path().join("state").join("module.connstr");
+    let written: ModuleCredentials = std::fs::read_to_string(&credential)
+        .expect("module.connstr written")
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(&credential).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let module = sim
+        .hub()
+        .get_module(DEVICE, MODULE)
+        .expect("module created");
+    let generation = module["generationId"].as_str().unwrap();
+    let (primary, _) = edgetwin::provision::module_keys(&device_key, MODULE, generation);
+    assert_eq!(written.key, primary, "keys derived from the device key");
+
+    let twin = sim
+        .hub()
+        .write_module_twin(
+            DEVICE,
+            MODULE,
+            TwinWrite::Patch,
+            &json!({"properties": {"desired": {"telemetryInterval": 33}}}),
+            None,
+        )
+        .expect("desired patched");
+    let version = twin["properties"]["desired"]["$version"].as_u64().unwrap();
+    wait_event(&mut events, "the ack", |e| {
+        matches!(e, SimEvent::ReportedPatched { patch, .. }
+            if patch["telemetryInterval"]["av"] == json!(version))
+    })
+    .await;
+    daemon.stop().await.expect("clean stop");
+
+    // The device credential is gone after first boot: a warning, and the daemon starts.
+    std::fs::remove_file(&device_path).expect("device credential removed");
+    let settings = device_settings(work.path(), &sim, &device_path);
+    let warnings: Vec<String> = settings.warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("provisioning.device_connection_string_file")
+            && warnings[0].contains("not needed"),
+        "{warnings:?}"
+    );
+    let daemon = daemon_support::Daemon::start(settings).await;
+    wait_event(&mut events, "the second boot's connect", |e| {
+        matches!(e, SimEvent::Connected { .. })
+    })
+    .await;
+    daemon.stop().await.expect("clean stop");
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_boot_with_a_wrong_device_key_stops_with_77() {
+    let sim_dir = tempfile::tempdir().expect("tempdir");
+    let sim = Sim::start(SimConfig::ephemeral(sim_dir.path()))
+        .await
+        .expect("sim starts");
+    let work = tempfile::tempdir().expect("tempdir");
+    let wrong = SharedKey::generate();
+    let (device_path, _) = device_file(work.path(), &sim, Some(&wrong));
+    let settings = device_settings(work.path(), &sim, &device_path);
+    let run = edgetwin::app::run_with(
+        settings,
+        tokio_util::sync::CancellationToken::new(),
+        edgetwin::app::RunControl::default(),
+    );
+    let err = tokio::time::timeout(WAIT, run)
+        .await
+        .expect("gives up in time")
+        .expect_err("refused");
+    assert_eq!(edgetwin::cli::exit_code(&err), 77, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("device gw1"), "{text}");
+    assert!(!text.contains(wrong.as_base64()), "{text}");
+    assert!(!work.path().join("state").join("module.connstr").exists());
+    assert!(
+        sim.hub().get_module(DEVICE, MODULE).is_err(),
+        "nothing created"
+    );
     sim.shutdown().await;
 }

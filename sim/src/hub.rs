@@ -376,6 +376,18 @@ impl Hub {
         Faults { hub: self.clone() }
     }
 
+    /// The hub's clock: the machine's, shifted by the clock-offset fault. REST answers
+    /// carry it in `Date`, as a real hub's tell clients its time.
+    pub fn clock(&self) -> SystemTime {
+        let offset = self.state().faults.clock_offset_secs;
+        let shift = Duration::from_secs(offset.unsigned_abs());
+        if offset >= 0 {
+            SystemTime::now() + shift
+        } else {
+            SystemTime::now() - shift
+        }
+    }
+
     /// `HostName=<host>;SharedAccessKeyName=<policy>;SharedAccessKey=<key>` for a policy.
     pub fn policy_connection_string(&self, policy: &str, host: &str) -> Option<String> {
         let st = self.state();

@@ -8,7 +8,7 @@
 //!   sessions, pending direct methods, telemetry log, faults. Protocol-agnostic: the
 //!   front ends translate wire traffic into calls on [`hub::Hub`].
 //! - [`device_side`], [`service_side`]: the hub's operations as a module and as a back
-//!   end see them.
+//!   end see them; [`device_auth`]: device-scoped tokens on the registry REST API.
 //! - [`events`]: waiting for a [`SimEvent`] with a timeout ([`wait_for`]).
 //! - [`errors`]: IoT Hub error codes and the two body formats the real hub uses.
 //! - [`twin_doc`]: the service-side module twin document (versions, etag, `$metadata`,
@@ -29,6 +29,7 @@
 //! The emulator never talks to anything but its own listeners and its state directory.
 
 pub mod demo;
+pub mod device_auth;
 pub mod device_side;
 pub mod dps;
 pub mod errors;

@@ -1,8 +1,9 @@
 //! HTTPS front end: the service REST API (PROTOCOL §6) and the MQTT-over-WebSocket upgrade
 //! endpoint (§3.8, bridged in [`super::websocket`]).
 //!
-//! Every request is authorised first (policy token and the operation's right), then must
-//! carry an `api-version` query parameter (any value). Ids in paths are percent-decoded.
+//! Every request is authorised first (policy token and the operation's right, or for a
+//! device's own modules that device's token), then must carry an `api-version` query
+//! parameter (any value). Ids in paths are percent-decoded.
 //! Successes return the hub's full JSON document; failures return the hub's newer error
 //! body with an `iothub-errorcode` header. Every answer's `Date` is the hub's clock, the
 //! clock-offset fault included ([`hub_date`]), as clients read the hub's time from it.
@@ -283,14 +284,53 @@ where
     }
 }
 
+/// Path ids that start with a device id (`/devices/{d}/modules[/{m}]`).
+trait DeviceFirst {
+    fn device(&self) -> &str;
+}
+
+impl DeviceFirst for String {
+    fn device(&self) -> &str {
+        self
+    }
+}
+
+impl DeviceFirst for (String, String) {
+    fn device(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<P: DeviceFirst> Call<P> {
+    /// [`Call::begin`] for a device's modules, which that device's own token may manage.
+    fn begin_for_device(&mut self, app: &App, right: Right) -> Result<P, HubError> {
+        match self.path.as_ref().ok().map(|p| p.device().to_owned()) {
+            Some(device) => {
+                app.hub
+                    .authorize_module_request(self.authorization(), right, &device)?;
+                self.checked_path()
+            }
+            // An unreadable path names no device: only a policy may hear why.
+            None => self.begin(app, right),
+        }
+    }
+}
+
 impl<P> Call<P> {
     /// Authorises the caller for `right`, then checks `api-version`; returns the path ids.
     fn begin(&mut self, app: &App, right: Right) -> Result<P, HubError> {
-        let authorization = self
-            .headers
+        app.hub.authorize(self.authorization(), right)?;
+        self.checked_path()
+    }
+
+    fn authorization(&self) -> Option<&str> {
+        self.headers
             .get(AUTHORIZATION)
-            .map(|v| v.to_str().unwrap_or("(not text)"));
-        app.hub.authorize(authorization, right)?;
+            .map(|v| v.to_str().unwrap_or("(not text)"))
+    }
+
+    /// After authorisation: `api-version` present, then the path ids.
+    fn checked_path(&mut self) -> Result<P, HubError> {
         require_api_version(&self.uri)?;
         std::mem::replace(
             &mut self.path,
@@ -379,7 +419,7 @@ async fn delete_device(State(app): State<App>, mut call: Call<String>) -> Respon
 
 async fn list_modules(State(app): State<App>, mut call: Call<String>) -> Response {
     respond(async move {
-        let d = call.begin(&app, Right::RegistryRead)?;
+        let d = call.begin_for_device(&app, Right::RegistryRead)?;
         Ok((StatusCode::OK, Some(app.hub.list_modules(&d)?)))
     })
     .await
@@ -387,7 +427,7 @@ async fn list_modules(State(app): State<App>, mut call: Call<String>) -> Respons
 
 async fn get_module(State(app): State<App>, mut call: Call<(String, String)>) -> Response {
     respond(async move {
-        let (d, m) = call.begin(&app, Right::RegistryRead)?;
+        let (d, m) = call.begin_for_device(&app, Right::RegistryRead)?;
         Ok((StatusCode::OK, Some(app.hub.get_module(&d, &m)?)))
     })
     .await
@@ -395,7 +435,7 @@ async fn get_module(State(app): State<App>, mut call: Call<(String, String)>) ->
 
 async fn put_module(State(app): State<App>, mut call: Call<(String, String)>) -> Response {
     respond(async move {
-        let (d, m) = call.begin(&app, Right::RegistryWrite)?;
+        let (d, m) = call.begin_for_device(&app, Right::RegistryWrite)?;
         let body = call.json()?;
         let if_match = call.if_match()?;
         let hub = app.hub.clone();
@@ -407,7 +447,7 @@ async fn put_module(State(app): State<App>, mut call: Call<(String, String)>) ->
 
 async fn delete_module(State(app): State<App>, mut call: Call<(String, String)>) -> Response {
     respond(async move {
-        let (d, m) = call.begin(&app, Right::RegistryWrite)?;
+        let (d, m) = call.begin_for_device(&app, Right::RegistryWrite)?;
         let if_match = call.if_match()?;
         let hub = app.hub.clone();
         blocking(move || hub.delete_module(&d, &m, if_match.as_deref())).await?;

@@ -41,10 +41,16 @@ impl Hub {
             authorization.ok_or_else(|| HubError::unauthorized("missing Authorization header"))?;
         let token = SasToken::parse(header.trim())
             .map_err(|e| HubError::unauthorized(format!("malformed SharedAccessSignature: {e}")))?;
-        let policy_name = token
-            .key_name
-            .clone()
-            .ok_or_else(|| HubError::unauthorized("service tokens must name a policy (skn)"))?;
+        let Some(policy_name) = token.key_name.clone() else {
+            // A device-scoped token reaches here for anything but its own modules.
+            return Err(HubError::unauthorized(match self.token_device(&token) {
+                Some(device) => format!(
+                    "a token of device '{device}' may manage only that device's modules \
+                     (/devices/{device}/modules)"
+                ),
+                None => "service tokens must name a policy (skn)".to_owned(),
+            }));
+        };
         let scope_ok = token.resource.eq_ignore_ascii_case(self.hub_name())
             || super::hub::lock(&self.inner.rest_authority)
                 .as_deref()

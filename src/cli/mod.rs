@@ -86,9 +86,12 @@ pub fn registry_exit_code(e: &RegistryError) -> u8 {
 /// its first boot fails for good).
 pub fn provision_exit_code(e: &ProvisionError) -> u8 {
     match e {
-        ProvisionError::Config { .. } | ProvisionError::StateDir { .. } => exit::CONFIG,
+        ProvisionError::Config { .. }
+        | ProvisionError::NotBuilt { .. }
+        | ProvisionError::StateDir { .. } => exit::CONFIG,
         ProvisionError::Registry(e) => registry_exit_code(e),
-        ProvisionError::NoKey(_) => exit::DATA,
+        ProvisionError::DeviceRefused { .. } => exit::NOPERM,
+        ProvisionError::NoKey(_) | ProvisionError::NoGenerationId(_) => exit::DATA,
     }
 }
 
@@ -276,6 +279,18 @@ mod tests {
             exit::NOPERM
         );
         assert_eq!(provision(ProvisionError::NoKey("d/m".into())), exit::DATA);
+        assert_eq!(
+            provision(ProvisionError::DeviceRefused {
+                device: "d".into(),
+                target: "d".into(),
+                source: RegistryError::Unauthorized("x".into()),
+            }),
+            exit::NOPERM
+        );
+        assert_eq!(
+            provision(ProvisionError::NotBuilt { method: "dps" }),
+            exit::CONFIG
+        );
         assert_eq!(
             provision(ProvisionError::StateDir {
                 path: "/x".into(),

@@ -4,18 +4,33 @@
 //! [`CredentialSource::read_as`] reads and parses it, with `identity`'s parser, when the
 //! daemon or `check-config` needs it. A problem names the setting and the file, never
 //! the content. Nothing here prints a connection string.
+//!
+//! systemd credentials: the packaged unit hands each optional secret over with
+//! `LoadCredential=NAME:/etc/edgetwin/FILE` plus `SetCredential=NAME:absent` as the
+//! fallback systemd uses when the file does not exist (an absolute `LoadCredential=`
+//! source that is missing fails the unit on systemd 252). A credential whose content is
+//! [`SYSTEMD_CREDENTIAL_ABSENT`] is therefore treated as not supplied.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use super::errors::ConfigErrors;
-use crate::identity::ConnectionStringError;
+use super::{DpsKeyKind, ProvisioningMethod};
+use crate::identity::{ConnectionStringError, SharedKey};
 
 /// File name of the module credential in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
 pub const SYSTEMD_MODULE_CREDENTIAL: &str = "module-connection-string";
 /// File name of the service credential in `$CREDENTIALS_DIRECTORY`.
 pub const SYSTEMD_SERVICE_CREDENTIAL: &str = "service-connection-string";
+/// File name of the device credential (`method = "device"`) in `$CREDENTIALS_DIRECTORY`.
+pub const SYSTEMD_DEVICE_CREDENTIAL: &str = "device-connection-string";
+/// File names of the DPS individual-enrollment key and enrollment-group key.
+pub const SYSTEMD_DPS_SYMMETRIC_KEY: &str = "dps-symmetric-key";
+pub const SYSTEMD_DPS_GROUP_KEY: &str = "dps-group-key";
+/// Content of a systemd credential that stands for "not supplied" (the unit's
+/// `SetCredential=` fallback for a missing file).
+pub const SYSTEMD_CREDENTIAL_ABSENT: &str = "absent";
 /// File name of the module credential that provisioning writes into the state dir.
 pub const PROVISIONED_MODULE_CREDENTIAL: &str = "module.connstr";
 
@@ -105,6 +120,17 @@ impl CredentialSource {
 }
 
 impl CredentialSource {
+    /// [`Self::read`], then decoded as a base64 symmetric key (DPS enrollment keys).
+    pub fn read_key(&self, key: &str) -> Result<Option<SharedKey>, ConfigErrors> {
+        let Some(text) = self.read(key)? else {
+            return Ok(None);
+        };
+        let origin = self.path().map(|p| p.display().to_string());
+        SharedKey::from_base64(&text)
+            .map(Some)
+            .map_err(|e| ConfigErrors::single(key, origin, e.to_string()))
+    }
+
     /// [`Self::read`], then parsed as the connection string kind `T`. A parse problem
     /// is named by `key` and, for a file, the file; the message never quotes the text.
     pub fn read_as<T>(&self, key: &str) -> Result<Option<T>, ConfigErrors>
@@ -140,11 +166,69 @@ pub fn service_key(source: &CredentialSource) -> &'static str {
     }
 }
 
-/// `$CREDENTIALS_DIRECTORY/<name>` when systemd passed that credential.
+/// The setting a device credential is named by in problems.
+pub fn device_key(source: &CredentialSource) -> &'static str {
+    match source {
+        CredentialSource::Inline(_) => "provisioning.device_connection_string",
+        CredentialSource::File(_) => "provisioning.device_connection_string_file",
+        _ => "$CREDENTIALS_DIRECTORY/device-connection-string",
+    }
+}
+
+/// The setting to name, and what to say, when the secret `method` provisions with is not
+/// configured at all. One text for `load`, `check-config` and `run`.
+pub fn missing_secret(method: ProvisioningMethod) -> (&'static str, &'static str) {
+    match method {
+        ProvisioningMethod::Service => (
+            "provisioning.service_connection_string_file",
+            "provisioning method \"service\" needs a service connection string: set \
+             provisioning.service_connection_string_file or pass the systemd credential \
+             service-connection-string",
+        ),
+        ProvisioningMethod::Device => (
+            "provisioning.device_connection_string_file",
+            "provisioning method \"device\" needs this device's connection string: set \
+             provisioning.device_connection_string_file or pass the systemd credential \
+             device-connection-string",
+        ),
+        ProvisioningMethod::Dps => (
+            "provisioning.dps.symmetric_key_file",
+            "provisioning method \"dps\" needs an enrollment key: set \
+             provisioning.dps.symmetric_key_file or group_key_file, or pass the systemd \
+             credential dps-symmetric-key or dps-group-key",
+        ),
+        ProvisioningMethod::None => (
+            "hub.connection_string_file",
+            "no module credentials, and no [provisioning] method to create them",
+        ),
+    }
+}
+
+/// The setting a DPS enrollment key is named by in problems.
+pub fn dps_key_setting(kind: DpsKeyKind, source: &CredentialSource) -> &'static str {
+    match (kind, source) {
+        (DpsKeyKind::Individual, CredentialSource::File(_)) => {
+            "provisioning.dps.symmetric_key_file"
+        }
+        (DpsKeyKind::Group, CredentialSource::File(_)) => "provisioning.dps.group_key_file",
+        (DpsKeyKind::Individual, _) => "$CREDENTIALS_DIRECTORY/dps-symmetric-key",
+        (DpsKeyKind::Group, _) => "$CREDENTIALS_DIRECTORY/dps-group-key",
+    }
+}
+
+/// `$CREDENTIALS_DIRECTORY/<name>` when systemd passed that credential, and it is not
+/// the unit's [`SYSTEMD_CREDENTIAL_ABSENT`] stand-in. Only that word is compared; the
+/// content is not kept.
 pub(crate) fn systemd_credential(name: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
     let path = Path::new(&dir).join(name);
-    path.is_file().then_some(path)
+    if !path.is_file() {
+        return None;
+    }
+    // An unreadable credential is passed on, so that reading it reports why.
+    let absent = std::fs::read(&path)
+        .is_ok_and(|bytes| bytes.trim_ascii() == SYSTEMD_CREDENTIAL_ABSENT.as_bytes());
+    (!absent).then_some(path)
 }
 
 /// Picks the source among an inline secret, a file, and the systemd credential `name`,

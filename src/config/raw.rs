@@ -16,7 +16,7 @@ use figment::{Figment, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
 use super::errors::ConfigErrors;
-use super::LogFormat;
+use super::{LogFormat, ProvisioningMethod};
 use crate::hub::connection::REFUSED_BACKOFF;
 use crate::hub::options::HubTransport;
 use crate::twin::{AckStyle, PropertyType, UnknownPolicy};
@@ -87,24 +87,61 @@ impl Default for RawBackoff {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawProvisioning {
-    pub enabled: bool,
+    /// Unset: `none`, unless the deprecated `enabled = true` says `service`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<ProvisioningMethod>,
+    /// Deprecated predecessor of `method`: `true` meant `method = "service"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
     pub service_connection_string_file: String,
     pub service_connection_string: String,
+    pub device_connection_string_file: String,
+    pub device_connection_string: String,
     pub device_id: String,
     pub module_id: String,
+    pub dps: RawDps,
 }
 
 impl Default for RawProvisioning {
     fn default() -> Self {
         RawProvisioning {
-            enabled: false,
+            method: None,
+            enabled: None,
             service_connection_string_file: String::new(),
             service_connection_string: String::new(),
+            device_connection_string_file: String::new(),
+            device_connection_string: String::new(),
             device_id: String::new(),
             module_id: "edgetwin".into(),
+            dps: RawDps::default(),
         }
     }
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDps {
+    pub global_endpoint: String,
+    pub id_scope: String,
+    pub registration_id: String,
+    pub symmetric_key_file: String,
+    pub group_key_file: String,
+}
+
+impl Default for RawDps {
+    fn default() -> Self {
+        RawDps {
+            global_endpoint: DPS_GLOBAL_ENDPOINT.into(),
+            id_scope: String::new(),
+            registration_id: String::new(),
+            symmetric_key_file: String::new(),
+            group_key_file: String::new(),
+        }
+    }
+}
+
+/// Azure's global DPS endpoint (DESIGN §4).
+pub const DPS_GLOBAL_ENDPOINT: &str = "global.azure-devices-provisioning.net";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::credentials::{CredentialSource, REDACTED};
-use super::{duration, Settings};
+use super::{duration, DpsKeyKind, Settings};
 use crate::hub::options::HttpProxy;
 
 pub(super) fn toml(s: &Settings) -> String {
@@ -22,6 +22,10 @@ pub(super) fn toml(s: &Settings) -> String {
     line("# effective edgetwin configuration; secrets are shown as <redacted>".into());
     for file in &s.files {
         line(format!("# read: {}", file.display()));
+    }
+    // Warnings name keys and files only, never a value that could be a secret.
+    for warning in &s.warnings {
+        line(format!("# warning: {warning}"));
     }
 
     let h = &s.hub;
@@ -58,13 +62,31 @@ pub(super) fn toml(s: &Settings) -> String {
 
     let p = &s.provisioning;
     line("\n[provisioning]".into());
-    line(format!("enabled = {}", p.enabled));
-    match &p.service_credentials {
-        Some(source) => line(credential("service_connection_string", source)),
-        None => line("# no service connection string configured".into()),
+    line(format!("method = {}", quote(p.method.as_str())));
+    for (key, source) in [
+        ("service_connection_string", &p.service_credentials),
+        ("device_connection_string", &p.device_credentials),
+    ] {
+        match source {
+            Some(source) => line(credential(key, source)),
+            None => line(format!("# {key}: not configured")),
+        }
     }
-    line(format!("device_id = {}", quote(&p.device_id)));
+    line(format!(
+        "device_id = {}",
+        quote(p.device_id.as_deref().unwrap_or(""))
+    ));
     line(format!("module_id = {}", quote(&p.module_id)));
+    let dps = &p.dps;
+    line("\n[provisioning.dps]".into());
+    line(format!("global_endpoint = {}", quote(&dps.global_endpoint)));
+    line(format!("id_scope = {}", quote(&dps.id_scope)));
+    line(format!("registration_id = {}", quote(&dps.registration_id)));
+    match &dps.key {
+        Some((DpsKeyKind::Individual, source)) => line(credential("symmetric_key", source)),
+        Some((DpsKeyKind::Group, source)) => line(credential("group_key", source)),
+        None => line("# enrollment key: not configured".into()),
+    }
 
     line("\n[twin]".into());
     line(format!("ack = {}", name(&s.twin.ack)));

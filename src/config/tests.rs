@@ -68,6 +68,8 @@ fn example_config_loads() {
         );
         assert_eq!(s.hub.backoff.max, Duration::from_secs(120));
         assert_eq!(s.provisioning.module_id, "edgetwin");
+        assert_eq!(s.provisioning.method, ProvisioningMethod::None);
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
         assert_eq!(
             s.twin.schema.default_of(TELEMETRY_INTERVAL),
             Some(&serde_json::json!(60))
@@ -235,7 +237,7 @@ fn missing_credentials_is_an_error_when_provisioning_is_disabled() {
 #[test]
 fn missing_credentials_are_fine_when_provisioning_will_create_them() {
     Jail::expect_with(|jail| {
-        let body = "[provisioning]\nenabled = true\ndevice_id = \"gw1\"\n\
+        let body = "[provisioning]\nmethod = \"service\"\ndevice_id = \"gw1\"\n\
                     service_connection_string_file = \"/run/service.connstr\"\n";
         let (dir, main) = setup(jail, body);
         let s = Settings::load(Some(&main)).map_err(|e| e.to_string())?;
@@ -257,7 +259,7 @@ fn missing_credentials_are_fine_when_provisioning_will_create_them() {
 #[test]
 fn provisioning_without_service_credentials_is_an_error() {
     Jail::expect_with(|jail| {
-        let (_, main) = setup(jail, "[provisioning]\nenabled = true\n");
+        let (_, main) = setup(jail, "[provisioning]\nmethod = \"service\"\n");
         let errors = load_err(&main);
         assert_eq!(
             keys(&errors),

@@ -170,7 +170,7 @@ fn a_malformed_inline_connection_string_is_refused_at_load_without_the_key() {
 #[test]
 fn an_inline_service_string_is_checked_only_while_provisioning_is_due() {
     Jail::expect_with(|jail| {
-        let body = "[provisioning]\nenabled = true\ndevice_id = \"gw1\"\n\
+        let body = "[provisioning]\nmethod = \"service\"\ndevice_id = \"gw1\"\n\
                     service_connection_string = \"HostName=h;SharedAccessKey=x\"\n";
         let (dir, main) = setup(jail, body);
         let errors = load_err(&main);
@@ -189,7 +189,7 @@ fn an_inline_service_string_is_checked_only_while_provisioning_is_due() {
 #[test]
 fn provisioning_needs_a_module_id() {
     Jail::expect_with(|jail| {
-        let body = "[provisioning]\nenabled = true\ndevice_id = \"gw1\"\nmodule_id = \"\"\n\
+        let body = "[provisioning]\nmethod = \"service\"\ndevice_id = \"gw1\"\nmodule_id = \"\"\n\
                     service_connection_string_file = \"/run/service.connstr\"\n";
         let (_, main) = setup(jail, body);
         assert_eq!(keys(&load_err(&main)), ["provisioning.module_id"]);
@@ -237,7 +237,7 @@ fn check_credentials_reads_the_service_credential_while_provisioning_is_due() {
         let dir = jail.directory().to_path_buf();
         let service = dir.join("service.connstr");
         let body = format!(
-            "[provisioning]\nenabled = true\ndevice_id = \"gw1\"\n\
+            "[provisioning]\nmethod = \"service\"\ndevice_id = \"gw1\"\n\
              service_connection_string_file = {:?}\n",
             service.display().to_string()
         );

@@ -14,17 +14,21 @@ use std::time::Duration;
 
 use super::credentials::{self, CredentialSource};
 use super::duration;
-use super::errors::ConfigErrors;
+use super::errors::{ConfigError, ConfigErrors};
 use super::raw::{Layers, RawBackoff, RawConfig, RawProperty};
 use super::{
-    HookSettings, HubSettings, LogSettings, ProvisioningSettings, Settings, StateSettings,
-    TelemetrySettings, TwinSettings,
+    ConfigWarning, HookSettings, HubSettings, LogSettings, ProvisioningMethod, Settings,
+    StateSettings, TelemetrySettings, TwinSettings,
 };
 use crate::hub::backoff::BackoffPolicy;
 use crate::hub::options::{HostPort, HttpProxy};
 use crate::hub::tls::CaBundle;
-use crate::identity::{ConnectionStringError, ModuleCredentials, ServiceCredentials};
+use crate::identity::{ConnectionStringError, ModuleCredentials};
 use crate::twin::{PropertySpec, Schema};
+
+mod provisioning;
+
+use provisioning::{method, provisioning};
 
 /// Below a minute, renewal at 80 % would reconnect every few seconds.
 const MIN_SAS_TTL: Duration = Duration::from_secs(60);
@@ -35,11 +39,20 @@ const KEEP_ALIVE_RANGE: (Duration, Duration) = (Duration::from_secs(5), Duration
 struct Check<'a> {
     layers: &'a Layers,
     errors: &'a mut ConfigErrors,
+    warnings: Vec<ConfigWarning>,
 }
 
 impl Check<'_> {
     fn fail(&mut self, key: &str, message: impl Into<String>) {
         self.errors.push(key, self.layers.origin(key), message);
+    }
+
+    fn warn(&mut self, key: &str, message: impl Into<String>) {
+        self.warnings.push(ConfigError {
+            key: key.to_owned(),
+            origin: self.layers.origin(key),
+            message: message.into(),
+        });
     }
 
     fn duration(&mut self, key: &str, text: &str, fallback: Duration) -> Duration {
@@ -51,23 +64,23 @@ impl Check<'_> {
 }
 
 pub(super) fn settings(raw: RawConfig, layers: &Layers, errors: &mut ConfigErrors) -> Settings {
-    let mut check = Check { layers, errors };
+    let mut check = Check {
+        layers,
+        errors,
+        warnings: Vec::new(),
+    };
     let state_dir = state_dir(&mut check, &raw.state.dir);
-    let provisioning = provisioning(&mut check, &raw);
-    let hub = hub(&mut check, &raw, &state_dir, provisioning.enabled);
-    // The service credential is used only while the module one is still to be
-    // provisioned; after that it may well be gone (README: shred it after first boot).
-    let provisioning_due =
-        matches!(&hub.credentials, CredentialSource::Provisioned(p) if !p.exists());
-    if provisioning.enabled && provisioning_due {
-        if let Some(source) = &provisioning.service_credentials {
-            inline_credential::<ServiceCredentials>(
-                &mut check,
-                source,
-                credentials::service_key(source),
-            );
-        }
-    }
+    let method = method(&mut check, &raw.provisioning);
+    let hub = hub(
+        &mut check,
+        &raw,
+        &state_dir,
+        method != ProvisioningMethod::None,
+    );
+    // The provisioning secret is used only while the module credential is still to be
+    // provisioned; after that it may well be gone (README: remove it after first boot).
+    let due = matches!(&hub.credentials, CredentialSource::Provisioned(p) if !p.exists());
+    let provisioning = provisioning(&mut check, &raw.provisioning, method, due);
     let twin = twin(&mut check, &raw);
     let log = log(&mut check, &raw);
     Settings {
@@ -83,6 +96,7 @@ pub(super) fn settings(raw: RawConfig, layers: &Layers, errors: &mut ConfigError
             on_change: non_empty(&raw.hooks.on_change).map(str::to_owned),
         },
         log,
+        warnings: check.warnings,
     }
 }
 
@@ -132,7 +146,7 @@ fn hub(check: &mut Check, raw: &RawConfig, state_dir: &Path, provisioning: bool)
             "hub.connection_string_file",
             format!(
                 "no module credentials: set hub.connection_string_file or hub.connection_string, \
-                 pass the systemd credential {}, or enable [provisioning] to create {}",
+                 pass the systemd credential {}, or choose a [provisioning] method to create {}",
                 credentials::SYSTEMD_MODULE_CREDENTIAL,
                 provisioned.display()
             ),
@@ -210,62 +224,6 @@ fn backoff_policy(
         );
     }
     BackoffPolicy { initial, max }
-}
-
-fn provisioning(check: &mut Check, raw: &RawConfig) -> ProvisioningSettings {
-    let p = &raw.provisioning;
-    let origin = |key: &str| check.layers.origin(key);
-    let before = check.errors.len();
-    let service = credentials::choose(
-        (
-            "provisioning.service_connection_string",
-            &p.service_connection_string,
-        ),
-        (
-            "provisioning.service_connection_string_file",
-            &p.service_connection_string_file,
-        ),
-        credentials::SYSTEMD_SERVICE_CREDENTIAL,
-        origin,
-        check.errors,
-    );
-    // When both were set, `choose` already said so; "none configured" would be false.
-    if p.enabled && service.is_none() && check.errors.len() == before {
-        check.fail(
-            "provisioning.service_connection_string_file",
-            "provisioning is enabled but no service connection string is configured",
-        );
-    }
-    let device_id = match non_empty(&p.device_id) {
-        Some(id) => id.to_owned(),
-        None => hostname().unwrap_or_default(),
-    };
-    if p.enabled && device_id.is_empty() {
-        check.fail(
-            "provisioning.device_id",
-            "not set, and the hostname could not be read",
-        );
-    }
-    if p.enabled && p.module_id.trim().is_empty() {
-        check.fail(
-            "provisioning.module_id",
-            "must be set when provisioning is enabled",
-        );
-    }
-    for (key, id) in [
-        ("provisioning.device_id", &device_id),
-        ("provisioning.module_id", &p.module_id),
-    ] {
-        if let Err(e) = check_identity_name(id) {
-            check.fail(key, e);
-        }
-    }
-    ProvisioningSettings {
-        enabled: p.enabled,
-        service_credentials: service,
-        device_id,
-        module_id: p.module_id.trim().to_owned(),
-    }
 }
 
 /// The machine's hostname, as systemd sets it.

@@ -32,6 +32,33 @@ fn assert_names_without_key(e: &ConnectionStringError, needle: &str) {
     assert!(!format!("{e:?}").contains("AAECAwQF"));
 }
 
+// --- key derivation (PROTOCOL §11.3, §12.2) ---------------------------------------
+
+#[test]
+fn module_keys_derive_from_the_device_key_and_the_generation_id() {
+    // Python: base64(hmac.new(key, b"edgetwin:636904759703045768:primary", sha256).digest())
+    let device = vector_key();
+    let primary = device.derive("edgetwin:636904759703045768:primary");
+    let secondary = device.derive("edgetwin:636904759703045768:secondary");
+    assert_eq!(
+        primary.as_base64(),
+        "44kLs5Qu0WbkbNfya4cIRzxkdhDHXShRS6Mrw589lbs="
+    );
+    assert_eq!(
+        secondary.as_base64(),
+        "ZO0I2P9zzm2tsVRAxLKGO+GqbxRzfA7YlI5W+//97c8="
+    );
+    assert_eq!(
+        SharedKey::from_base64(primary.as_base64()).unwrap(),
+        primary,
+        "a derived key round-trips through its base64"
+    );
+    assert_ne!(
+        primary,
+        device.derive("edgetwin:636904759703045769:primary")
+    );
+}
+
 // --- PROTOCOL.md §2.4 vectors ------------------------------------------------------
 
 #[test]

@@ -1,53 +1,92 @@
-//! Provisioning (DESIGN §1, §5): create the device (409 → get the existing one) and the
-//! module (409 → get), exactly as the tutorial's CreateModule.py, then store the module
-//! connection string as `<state.dir>/module.connstr` (mode 0600, atomic write).
+//! Provisioning (DESIGN §1, §4, §5): obtain this gateway's module identity with the
+//! method the configuration chooses and store its connection string as
+//! `<state.dir>/module.connstr` (mode 0600, atomic write), the one place the module key
+//! is kept: never printed, never logged. Every method is idempotent, and a run that was
+//! interrupted anywhere is completed by the next one.
 //!
-//! Idempotent: a second run finds both identities and writes the same file; a run
-//! interrupted between device and module is completed by the next one. The module key
-//! is written to the file and nowhere else: never printed, never logged.
+//! - `device`: this device's own connection string; a device-scoped token may create
+//!   and key the device's own modules and nothing else (PROTOCOL §11).
+//! - `service`: a registryReadWrite policy key creates the device and the module, as the
+//!   tutorial's CreateModule.py does; least preferred (the key can touch every device).
+//! - `dps`: not built into this version ([`ProvisionError::NotBuilt`]).
 //!
 //! Library code: it returns a typed [`ProvisionError`] and never prints. Its callers are
 //! `edgetwin provision` (`cli::provision`, which prints and picks the exit code) and the
 //! daemon's first boot (`app`, which retries what [`ProvisionError::is_retryable`]).
-//! Identity sources beyond the service key (device key, DPS) will live beside this file.
+
+mod device;
+mod service;
 
 pub mod dps;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use serde_json::Value;
-
-use crate::config::Settings;
+use crate::config::{ProvisioningMethod, Settings};
 use crate::hub::tls::CaBundle;
-use crate::identity::{ModuleCredentials, SharedKey};
-use crate::registry::{ClientSetupError, RegistryClient, RegistryError};
+use crate::identity::{DeviceCredentials, ModuleCredentials};
+use crate::registry::{ClientSetupError, RegistryAuth, RegistryClient, RegistryError, RetryPolicy};
+
+pub use crate::registry::hub_host_name;
+pub use device::module_keys;
+
+/// The registry retries of provisioning: as the default, but a 429's `Retry-After` of up
+/// to 30 s is waited out in full (first boot has time; the hub asked for it).
+pub const RETRY: RetryPolicy = RetryPolicy {
+    attempts: 4,
+    first_delay: Duration::from_millis(500),
+    max_delay: Duration::from_secs(30),
+    total: Duration::from_secs(60),
+};
 
 /// What provisioning produced (no secret in it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provisioned {
+    pub method: ProvisioningMethod,
     pub device_id: String,
     pub module_id: String,
     /// Where the module connection string was written.
     pub credential_file: PathBuf,
-    /// Whether the device / module were created by this run (else they existed).
+    /// Whether the device was created by this run (`service` only; a device credential
+    /// implies the device exists).
     pub device_created: bool,
+    /// Whether the module was created by this run (else it existed).
     pub module_created: bool,
+    /// `device`: whether this run put the derived keys into the hub (else they were
+    /// there already).
+    pub keys_set: bool,
 }
 
 /// Why provisioning did not happen. Callers branch on the variant (the CLI picks its exit
 /// code from it) and on [`ProvisionError::is_retryable`] (first boot retries those).
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
-    /// The configuration does not allow provisioning: ids unset, service credential
-    /// missing, unreadable or malformed, CA file unusable.
+    /// The configuration does not allow provisioning: no method, ids unset, the secret
+    /// missing, unreadable or of the wrong kind, CA file unusable.
     #[error("{what}")]
     Config { what: String },
     /// The hub refused or failed a registry request.
     #[error("{0}{hint}", hint = registry_hint(.0))]
     Registry(#[from] RegistryError),
+    /// The hub refused a device's credential (401): a wrong or rotated device key, a
+    /// disabled or deleted device, or another device's modules. Names the devices only.
+    #[error("{}", device_refusal(.device, .target, .source))]
+    DeviceRefused {
+        /// The device whose connection string signed the request.
+        device: String,
+        /// The device whose module was to be provisioned.
+        target: String,
+        source: RegistryError,
+    },
     /// The hub's module has no SAS key to put into the credential.
     #[error("the hub's module {0} has no primary symmetric key (not a SAS identity?)")]
     NoKey(String),
+    /// The hub's module has no `generationId` to derive its keys from.
+    #[error("the hub's module {0} has no generationId to derive its keys from")]
+    NoGenerationId(String),
+    /// The configuration chooses a method this build cannot run.
+    #[error("provisioning method \"{method}\" is not built into this version of edgetwin")]
+    NotBuilt { method: &'static str },
     /// The module credential could not be written under the state directory.
     #[error("writing {}: {source}", path.display())]
     StateDir {
@@ -86,151 +125,148 @@ fn registry_hint(e: &RegistryError) -> &'static str {
     }
 }
 
-/// The module credential's HostName: the hub's host name without a port (service
-/// connection strings for the emulator carry `localhost:PORT`).
-pub fn hub_host_name(host: &str) -> &str {
-    match host.rsplit_once(':') {
-        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
+fn device_refusal(device: &str, target: &str, source: &RegistryError) -> String {
+    if device == target {
+        format!(
+            "the hub refused the credential of device {device} ({source}); check that the \
+             device connection string is current (keys rotated?) and the device is enabled"
+        )
+    } else {
+        format!(
+            "the credential of device {device} may manage only that device's modules, not \
+             device {target}'s ({source}); remove provisioning.device_id or make it {device}"
+        )
     }
-}
-
-/// Creates or fetches `device_id` and `module_id` and writes the module connection
-/// string to `credential_file` (0600, atomically; its directory is created).
-pub async fn provision(
-    client: &RegistryClient,
-    host_name: &str,
-    device_id: &str,
-    module_id: &str,
-    credential_file: &Path,
-) -> Result<Provisioned, ProvisionError> {
-    let device_created = match client.create_device(device_id).await {
-        Ok(_) => true,
-        Err(RegistryError::Conflict(_)) => {
-            client.get_device(device_id).await?;
-            false
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let (module, module_created) = match client.create_module(device_id, module_id).await {
-        Ok(m) => (m, true),
-        Err(RegistryError::Conflict(_)) => (client.get_module(device_id, module_id).await?, false),
-        Err(e) => return Err(e.into()),
-    };
-    let key = module
-        .pointer("/authentication/symmetricKey/primaryKey")
-        .and_then(Value::as_str)
-        .and_then(|k| SharedKey::from_base64(k).ok())
-        .ok_or_else(|| ProvisionError::NoKey(format!("{device_id}/{module_id}")))?;
-    let credentials = ModuleCredentials {
-        host_name: host_name.to_owned(),
-        device_id: device_id.to_owned(),
-        module_id: module_id.to_owned(),
-        key,
-        gateway_host_name: None,
-    };
-    let write_error = |source| ProvisionError::StateDir {
-        path: credential_file.to_owned(),
-        source,
-    };
-    if let Some(dir) = credential_file
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-    {
-        std::fs::create_dir_all(dir).map_err(write_error)?;
-    }
-    let mut text = credentials.to_connection_string();
-    text.push('\n');
-    crate::store::write_atomic(credential_file, text.as_bytes(), 0o600).map_err(write_error)?;
-    tracing::debug!(
-        device = device_id,
-        module = module_id,
-        device_created,
-        module_created,
-        "module identity provisioned"
-    );
-    Ok(Provisioned {
-        device_id: device_id.to_owned(),
-        module_id: module_id.to_owned(),
-        credential_file: credential_file.to_owned(),
-        device_created,
-        module_created,
-    })
 }
 
 /// Everything provisioning needs, taken from the configuration: the registry client
-/// (service credential read once, here), the identities and where the credential goes.
+/// (its secret read once, here), the identities and where the credential goes.
 #[derive(Debug)]
 pub struct Plan {
-    pub client: RegistryClient,
+    pub method: ProvisioningMethod,
     /// HostName of the module credential (the hub's, without a port).
     pub host_name: String,
     pub device_id: String,
     pub module_id: String,
     pub credential_file: PathBuf,
+    client: RegistryClient,
 }
 
 impl Plan {
     /// `ca_file` overrides `hub.ca_file`. Every failure here is a
-    /// [`ProvisionError::Config`] (or, rarely, the HTTP client not building).
+    /// [`ProvisionError::Config`] or [`ProvisionError::NotBuilt`] (or, rarely, the HTTP
+    /// client not building).
     pub fn from_settings(
         settings: &Settings,
         ca_file: Option<&Path>,
     ) -> Result<Plan, ProvisionError> {
         let p = &settings.provisioning;
-        if p.device_id.is_empty() || p.module_id.is_empty() {
-            return Err(ProvisionError::config(
-                "provisioning.device_id and provisioning.module_id must be set (device_id \
-                 defaults to the hostname)",
-            ));
+        let config = |e: crate::config::ConfigErrors| ProvisionError::config(e.to_string());
+        match p.method {
+            ProvisioningMethod::None => Err(ProvisionError::config(
+                "no provisioning method: set provisioning.method to \"device\" (this \
+                 device's connection string) or \"service\" (a registry policy key)",
+            )),
+            // Registration hands over a device credential; then as `device`, through
+            // [`Plan::for_device`].
+            ProvisioningMethod::Dps => Err(ProvisionError::NotBuilt { method: "dps" }),
+            ProvisioningMethod::Service => {
+                let device_id = p.device_id.clone().ok_or_else(|| {
+                    ProvisionError::config(
+                        "provisioning.device_id must be set (it defaults to the hostname)",
+                    )
+                })?;
+                let credentials = settings.required_service_identity().map_err(config)?;
+                let auth = RegistryAuth::Service(credentials);
+                Plan::new(settings, p.method, auth, device_id, ca_file)
+            }
+            ProvisioningMethod::Device => {
+                let credentials = settings.required_device_identity().map_err(config)?;
+                Plan::for_device(settings, p.method, credentials, ca_file)
+            }
         }
-        let connstr = settings
-            .service_credentials()
-            .map_err(|e| ProvisionError::config(e.to_string()))?
-            .ok_or_else(|| {
-                ProvisionError::config(
-                    "no service connection string: set \
-                     provisioning.service_connection_string_file (or the systemd credential \
-                     service-connection-string)",
-                )
-            })?;
+    }
+
+    /// A plan that provisions the module with a device's own credential (`device`, and
+    /// `dps` once registration assigned one). The device is `provisioning.device_id`
+    /// when configured, else the credential's.
+    pub fn for_device(
+        settings: &Settings,
+        method: ProvisioningMethod,
+        credentials: DeviceCredentials,
+        ca_file: Option<&Path>,
+    ) -> Result<Plan, ProvisionError> {
+        let device_id = settings
+            .provisioning
+            .device_id
+            .clone()
+            .unwrap_or_else(|| credentials.device_id.clone());
+        let auth = RegistryAuth::Device(credentials);
+        Plan::new(settings, method, auth, device_id, ca_file)
+    }
+
+    fn new(
+        settings: &Settings,
+        method: ProvisioningMethod,
+        auth: RegistryAuth,
+        device_id: String,
+        ca_file: Option<&Path>,
+    ) -> Result<Plan, ProvisionError> {
+        let module_id = settings.provisioning.module_id.clone();
+        if module_id.is_empty() {
+            return Err(ProvisionError::config("provisioning.module_id must be set"));
+        }
         let configured_ca = settings.hub.ca_file.as_ref().map(CaBundle::path);
-        let client = RegistryClient::from_connection_string(&connstr, ca_file.or(configured_ca))?;
+        let client = RegistryClient::trusting(auth, ca_file.or(configured_ca))?.with_retry(RETRY);
         Ok(Plan {
+            method,
             host_name: hub_host_name(client.host_name()).to_owned(),
-            client,
-            device_id: p.device_id.clone(),
-            module_id: p.module_id.clone(),
+            device_id,
+            module_id,
             credential_file: settings.state.provisioned_credentials_file(),
+            client,
         })
     }
 
-    /// [`provision`] with this plan.
+    /// Provisions with the plan's method and writes the module credential.
     pub async fn run(&self) -> Result<Provisioned, ProvisionError> {
-        provision(
-            &self.client,
-            &self.host_name,
-            &self.device_id,
-            &self.module_id,
-            &self.credential_file,
-        )
-        .await
+        match self.client.auth() {
+            RegistryAuth::Service(_) => service::provision(self).await,
+            RegistryAuth::Device(device) => device::provision(self, device).await,
+        }
+    }
+
+    /// Writes `module.connstr` for the module whose primary key is `key` (0600,
+    /// atomically; the directory is created). `device` carries a gateway to keep.
+    fn write(
+        &self,
+        key: crate::identity::SharedKey,
+        device: Option<&DeviceCredentials>,
+    ) -> Result<(), ProvisionError> {
+        let credentials = ModuleCredentials {
+            host_name: self.host_name.clone(),
+            device_id: self.device_id.clone(),
+            module_id: self.module_id.clone(),
+            key,
+            gateway_host_name: device.and_then(|d| d.gateway_host_name.clone()),
+        };
+        let path = &self.credential_file;
+        let write_error = |source| ProvisionError::StateDir {
+            path: path.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(write_error)?;
+        }
+        let mut text = credentials.to_connection_string();
+        text.push('\n');
+        crate::store::write_atomic(path, text.as_bytes(), 0o600).map_err(write_error)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn host_name_loses_only_a_port() {
-        assert_eq!(hub_host_name("localhost:8443"), "localhost");
-        assert_eq!(
-            hub_host_name("hub.azure-devices.net"),
-            "hub.azure-devices.net"
-        );
-        assert_eq!(hub_host_name("[::1]:8443"), "[::1]");
-    }
 
     #[test]
     fn a_refused_provisioning_says_which_rights_are_needed() {
@@ -242,5 +278,23 @@ mod tests {
         let throttled = ProvisionError::from(RegistryError::Throttled("429".into()));
         assert!(throttled.is_retryable());
         assert!(!throttled.to_string().contains("registryReadWrite"));
+    }
+
+    #[test]
+    fn a_refused_device_names_the_devices_and_no_policy() {
+        let refused = |target: &str| ProvisionError::DeviceRefused {
+            device: "gw1".into(),
+            target: target.into(),
+            source: RegistryError::Unauthorized("401".into()),
+        };
+        let own = refused("gw1").to_string();
+        assert!(
+            own.contains("device gw1") && own.contains("keys rotated"),
+            "{own}"
+        );
+        assert!(!own.contains("registryReadWrite"), "{own}");
+        let other = refused("gw2").to_string();
+        assert!(other.contains("device gw2's"), "{other}");
+        assert!(!refused("gw1").is_retryable());
     }
 }

@@ -220,7 +220,7 @@ def test_provisioned_connection_string_works_in_the_python_module_client(
     policy_file = sim.state_dir / "policies" / "registryReadWrite.connstr"
     assert policy_file.is_file(), f"the emulator wrote no {policy_file}"
     config.write_text(
-        "[provisioning]\nenabled = true\n"
+        "[provisioning]\nmethod = \"service\"\n"
         f"service_connection_string_file = {toml_string(policy_file)}\n"
         f"device_id = {toml_string(device_id)}\n"
         'module_id = "edgetwin"\n\n'

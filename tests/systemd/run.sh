@@ -11,6 +11,13 @@
 #   4. kill -9 -> restarted by systemd, state survives
 #   5. stop -> inactive, STOPPING=1 seen, exit 0, state on disk; start with the sim
 #      stopped -> active on the persisted state
+#   7. every documented way of supplying the identity, each a real first boot of the
+#      installed package (1-5 are the first: the module credential in /etc):
+#      B `runuser -u edgetwin -- edgetwin provision` (device key) writing
+#        /var/lib/edgetwin/module.connstr, the device key removed before the start;
+#      C first boot with a service key (/etc/edgetwin/service.connstr);
+#      D first boot with a device key (/etc/edgetwin/device.connstr);
+#      each: systemctl start -> connected -> a patch acked -> no secret in the journal
 #   6. dpkg -r keeps the state, dpkg -P removes it
 #
 # Runs as root on a host whose PID 1 need not be systemd (cgroup v1 hybrid works). The
@@ -259,16 +266,22 @@ ok "systemd-analyze security --offline=true --threshold=$THRESHOLD (2.0) inside:
 
 # ---- the emulator and the configuration ------------------------------------------------
 say "edgetwin-sim as a helper unit; provision; configure"
-in_ct systemd-run --quiet --unit=edgetwin-sim --property=Type=exec \
-    /mnt/edgetwin/edgetwin-sim serve --mqtt 127.0.0.1:8883 --https 127.0.0.1:8443 --state /var/lib/edgetwin-sim
-sim_ready() { in_ct journalctl --no-pager -u edgetwin-sim.service | grep -q "edgetwin-sim ready"; }
-wait_until 20 "edgetwin-sim ready" sim_ready
+# start_sim: the emulator as a transient unit (again after it was stopped), state kept.
+start_sim() {
+    local cur
+    cur=$(cursor_now)
+    in_ct systemd-run --quiet --unit=edgetwin-sim --property=Type=exec \
+        /mnt/edgetwin/edgetwin-sim serve --mqtt 127.0.0.1:8883 --https 127.0.0.1:8443 --state /var/lib/edgetwin-sim
+    sim_ready() { in_ct journalctl --no-pager -u edgetwin-sim.service --after-cursor="$cur" | grep -q "edgetwin-sim ready"; }
+    wait_until 20 "edgetwin-sim ready" sim_ready
+}
+start_sim
 in_ct sh -euc '
     cat > /root/service.toml <<EOF
 [hub]
 ca_file = "/var/lib/edgetwin-sim/ca.pem"
 [provisioning]
-enabled = true
+method = "service"
 service_connection_string_file = "/var/lib/edgetwin-sim/service.connstr"
 device_id = "gw1"
 module_id = "edgetwin"
@@ -424,6 +437,117 @@ status_has "twin v$VERSION in force" || fail "offline StatusText: $(prop StatusT
 started_with_state || fail "offline start did not put v$VERSION in force"
 ok "active in $OFFLINE_S s with the hub down: $(prop StatusText)"
 
+# ---- 7. identity paths ------------------------------------------------------------------------
+say "7. every documented way of supplying the identity, each a real first boot"
+start_sim
+
+# reset_identity: stop the unit and forget every identity: state, credentials, drop-in.
+reset_identity() {
+    in_ct systemctl stop "$UNIT"
+    in_ct systemctl reset-failed "$UNIT" >/dev/null 2>&1 || true
+    in_ct sh -c 'rm -rf /var/lib/edgetwin/* /etc/edgetwin/module.connstr /etc/edgetwin/device.connstr \
+        /etc/edgetwin/service.connstr /etc/edgetwin/conf.d/50-identity.toml'
+}
+
+# identity_config TOML: the [provisioning] drop-in of the path.
+identity_config() { printf '%s\n' "$1" | in_ct sh -c 'cat > /etc/edgetwin/conf.d/50-identity.toml'; }
+
+# collect_secrets FILE...: the SharedAccessKey of each connection string file (inside the
+# container) joins /root/secrets, which no_secrets looks for in the journal.
+collect_secrets() {
+    in_ct sh -c 'for f; do [ -f "$f" ] && tr ";" "\n" <"$f" | sed -n "s/^SharedAccessKey=//p"; done >>/root/secrets
+        sort -u -o /root/secrets /root/secrets' sh "$@"
+}
+
+# create_device ID: creates the device ID in the emulator through its service REST API
+# (as iothubowner) and prints its device connection string (HostName=localhost:8443;...),
+# as an operator would get it from the hub. The minimal rootfs has no HTTP client, so the
+# host's python3 runs in the container's network namespace and reads the policy and the
+# emulator's CA through /proc/$LEADER/root.
+create_device() {
+    nsenter -t "$LEADER" -n -- python3 - "$1" "/proc/$LEADER/root/var/lib/edgetwin-sim" <<'PY'
+import base64, hashlib, hmac, json, ssl, sys, time, urllib.parse, urllib.request
+device, sim = sys.argv[1], sys.argv[2]
+fields = dict(p.split("=", 1) for p in open(f"{sim}/service.connstr").read().strip().split(";"))
+host, se = fields["HostName"], int(time.time()) + 300
+sr = urllib.parse.quote(host, safe="")
+key = base64.b64decode(fields["SharedAccessKey"])
+sig = base64.b64encode(hmac.new(key, f"{sr}\n{se}".encode(), hashlib.sha256).digest()).decode()
+token = (f"SharedAccessSignature sr={sr}&sig={urllib.parse.quote(sig, safe='')}&se={se}"
+         f"&skn={fields['SharedAccessKeyName']}")
+body = {"deviceId": device, "status": "enabled", "authentication": {"symmetricKey": {}, "type": "sas"}}
+req = urllib.request.Request(
+    f"https://{host}/devices/{device}?api-version=2021-04-12", data=json.dumps(body).encode(),
+    method="PUT", headers={"Authorization": token, "Content-Type": "application/json"})
+doc = json.load(urllib.request.urlopen(req, context=ssl.create_default_context(cafile=f"{sim}/ca.pem"), timeout=20))
+print(f"HostName={host};DeviceId={device};SharedAccessKey={doc['authentication']['symmetricKey']['primaryKey']}")
+PY
+}
+
+# first_boot PATH DEVICE CURSOR: systemctl start -> active -> connected as DEVICE/edgetwin ->
+# a patch acked (patch_applied in the journal) -> no secret anywhere in the journal.
+first_boot() {
+    local path=$1 device=$2 cur=$3 t version connected_s
+    t=$(date +%s.%N)
+    in_ct systemctl start "$UNIT" || fail "$path: systemctl start"
+    is_active || fail "$path: not active after start"
+    wait_until 30 "$path: connected as $device/edgetwin" status_has "connected to localhost as $device/edgetwin"
+    connected_s=$(elapsed "$t")
+    [ "$(in_ct stat -c '%U %a' /var/lib/edgetwin/module.connstr)" = "edgetwin 600" ] ||
+        fail "$path: /var/lib/edgetwin/module.connstr is not edgetwin 0600"
+    collect_secrets /var/lib/edgetwin/module.connstr
+    in_ct edgetwin twin set --config /root/service.toml --device "$device" --module edgetwin \
+        telemetryInterval=3 --wait-ack 20 >"$WORK/twin-$path.log" 2>&1 || { cat "$WORK/twin-$path.log"; fail "$path: twin set"; }
+    grep -q "^acknowledged by $device/edgetwin" "$WORK/twin-$path.log" || fail "$path: no ack"
+    version=$(sed -n 's/^desired \$version \([0-9]*\)$/\1/p' "$WORK/twin-$path.log")
+    path_applied() {
+        [ "$(journal_json "$UNIT" "$cur" | jcount EDGETWIN_EVENT=patch_applied "EDGETWIN_DEVICE=$device" \
+            "EDGETWIN_TWIN_VERSION=$version")" -gt 0 ]
+    }
+    wait_until 10 "$path: patch_applied v$version" path_applied
+    no_secrets
+    ok "$path: started, connected as $device/edgetwin in $connected_s s, patch v$version acked; no secret in the journal"
+}
+
+# B. `edgetwin provision` as the service user (with this device's key), then start.
+reset_identity
+CUR=$(cursor_now)
+create_device gw-provision | in_ct sh -c 'umask 027; cat > /etc/edgetwin/device.connstr; chgrp edgetwin /etc/edgetwin/device.connstr'
+identity_config $'[provisioning]\nmethod = "device"'
+collect_secrets /etc/edgetwin/device.connstr
+in_ct runuser -u edgetwin -- edgetwin provision >"$WORK/provision-b.log" 2>&1 || { cat "$WORK/provision-b.log"; fail "B: edgetwin provision as edgetwin"; }
+grep -q "module connection string written to /var/lib/edgetwin/module.connstr" "$WORK/provision-b.log" ||
+    { cat "$WORK/provision-b.log"; fail "B: provision did not write the state dir"; }
+# The device key has done its work: the daemon starts without it (with a warning).
+in_ct rm /etc/edgetwin/device.connstr
+first_boot B-provision gw-provision "$CUR"
+has_event config_warning "$CUR" || fail "B: no warning about the provisioning secret that is gone"
+has_event provisioning "$CUR" && fail "B: the daemon provisioned again"
+ok "B: $(grep '^module:' "$WORK/provision-b.log")"
+
+# C. First boot with a service key (registryReadWrite), as a root-only file.
+reset_identity
+CUR=$(cursor_now)
+in_ct install -m 0600 /var/lib/edgetwin-sim/policies/registryReadWrite.connstr /etc/edgetwin/service.connstr
+identity_config $'[provisioning]\nmethod = "service"\ndevice_id = "gw-service"'
+first_boot C-service gw-service "$CUR"
+has_event provisioned "$CUR" || fail "C: no provisioned event"
+
+# D. First boot with a device key, as a root-only file.
+reset_identity
+CUR=$(cursor_now)
+create_device gw-device | in_ct sh -c 'umask 077; cat > /etc/edgetwin/device.connstr'
+identity_config $'[provisioning]\nmethod = "device"'
+collect_secrets /etc/edgetwin/device.connstr
+first_boot D-device gw-device "$CUR"
+has_event provisioned "$CUR" || fail "D: no provisioned event"
+
+# E. DPS (issue 11, not built yet): first boot with an enrollment (group) key, the
+# emulator's id scope and endpoint (its state dir: dps/id_scope, dps/group.key,
+# dps/endpoint): reset_identity; install the key root-only as /etc/edgetwin/dps...key;
+# identity_config with method = "dps" and [provisioning.dps]; first_boot E-dps <assigned
+# device id> "$CUR"; has_event provisioned; provisioning.json in the state dir, no key.
+
 # ---- 6. remove, purge ----------------------------------------------------------------------
 say "6. dpkg -r keeps the state; dpkg -P removes it"
 in_ct dpkg -r edgetwin >"$WORK/dpkg-r.log" 2>&1 || { cat "$WORK/dpkg-r.log"; fail "dpkg -r"; }
@@ -443,3 +567,4 @@ echo "   exposure (systemd-analyze security --offline=true): $EXPOSURE"
 echo "   .deb: $DEB_SIZE bytes; installed /usr/bin/edgetwin: $BIN_SIZE bytes"
 echo "   container boot: $BOOT_S s; systemctl start -> active: $START_S s, -> connected: $CONNECTED_S s"
 echo "   offline start -> active: $OFFLINE_S s"
+echo "   identity paths: module credential in /etc; edgetwin provision as edgetwin; first boot with a service key; with a device key"
