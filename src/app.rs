@@ -37,7 +37,7 @@ use tracing::Instrument as _;
 
 use crate::agent::{Agent, AgentConfig, AgentControl, AgentLinks};
 use crate::config::{ProvisioningMethod, Settings};
-use crate::hub::backoff::{Backoff, BackoffPolicy};
+use crate::hub::backoff::Backoff;
 use crate::hub::session::{ConnectionState, Session, SessionConfig};
 use crate::identity::ModuleCredentials;
 use crate::provision::{Plan, ProvisionError};
@@ -139,7 +139,7 @@ pub async fn run_with(
                 deferred: None,
                 status,
             };
-            let provisioned = first_boot_credentials(&settings, &plan, &mut waiting, &shutdown)
+            let provisioned = first_boot_credentials(&settings, plan, &mut waiting, &shutdown)
                 .instrument(span.clone())
                 .await?;
             deferred_reload = waiting.deferred;
@@ -371,14 +371,12 @@ fn module_credentials(settings: &Settings) -> Result<Option<ModuleCredentials>, 
 /// client's request timeout and retry limits, so this loop cannot wedge unnoticed.
 async fn first_boot_credentials(
     settings: &Settings,
-    plan: &Plan,
+    mut plan: Plan,
     waiting: &mut Waiting<'_>,
     shutdown: &CancellationToken,
 ) -> Result<Option<ModuleCredentials>, AppError> {
-    let mut backoff = Backoff::new(BackoffPolicy {
-        initial: settings.hub.backoff.initial,
-        max: settings.hub.backoff.max,
-    });
+    let mut backoff = Backoff::new(settings.hub.backoff);
+    let mut refused = Backoff::new(settings.hub.refused_backoff);
     tracing::info!(
         edgetwin_event = "provisioning",
         hub = %plan.host_name,
@@ -415,7 +413,31 @@ async fn first_boot_credentials(
                     _ = waiting.on(tokio::time::sleep(pause)) => {}
                 }
             }
-            // Reported once by the caller; the message says which rights are missing.
+            // A refused secret is fixed by someone replacing it: the daemon stays up (a
+            // unit that exits here would restart every few seconds against the hub) and
+            // tries again after a long backoff, reading the secret anew each time.
+            Err(e) if e.is_refused() => {
+                let pause = refused.next_delay();
+                let minutes = pause.as_secs().div_ceil(60);
+                tracing::error!(
+                    edgetwin_event = "provision_refused",
+                    error = %e,
+                    retry_in_s = pause.as_secs(),
+                    "the hub refused the provisioning secret; trying again later"
+                );
+                waiting.status = format!(
+                    "provisioning refused by the hub {}; retrying in {minutes} min; \
+                     fix the provisioning secret",
+                    plan.host_name
+                );
+                waiting.notifier.status(&waiting.status);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = waiting.on(tokio::time::sleep(pause)) => {}
+                }
+                plan = Plan::from_settings(settings, None).map_err(AppError::Provision)?;
+            }
+            // Reported once by the caller; the message says what is wrong.
             Err(e) => return Err(AppError::Provision(e)),
         }
     }

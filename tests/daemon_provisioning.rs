@@ -3,10 +3,11 @@
 //! local state is in force with STATUS saying it is provisioning, provisioning retried
 //! while the hub is unreachable, `module.connstr` written (0600), then connected and
 //! applying desired patches. A second boot no longer needs the service credential. A
-//! policy without registry write rights stops the daemon with exit 77 and a log saying
-//! why. With `method = "device"` (in-process, `app::run_with`): the module keyed from the
-//! device key, connected, patches acked, a later boot without the device key; a wrong
-//! device key stops it with 77.
+//! policy without registry write rights keeps the daemon up with STATUS and a log saying
+//! why, trying again after the (here shortened) refused backoff, and it provisions once
+//! the secret is fixed. With `method = "device"` (in-process, `app::run_with`): the
+//! module keyed from the device key, connected, patches acked, a later boot without the
+//! device key; a wrong device key is retried the same way until fixed.
 
 mod daemon_support;
 
@@ -17,6 +18,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use daemon_support::logs::Logs;
 use daemon_support::notify::Notifications;
 use daemon_support::{DEVICE, MODULE, WAIT};
 use edgetwin::identity::{ModuleCredentials, ServiceCredentials, SharedKey};
@@ -34,7 +36,8 @@ fn write_config(work: &Path, mqtt: SocketAddr, ca: &Path, service_file: &Path) -
     let config = work.join("edgetwin.toml");
     let text = format!(
         "[hub]\ngateway_host = \"127.0.0.1:{port}\"\nca_file = {ca:?}\n\
-         backoff = {{ initial = \"100ms\", max = \"500ms\" }}\n\n\
+         backoff = {{ initial = \"100ms\", max = \"500ms\" }}\n\
+         refused_backoff = {{ initial = \"200ms\", max = \"500ms\" }}\n\n\
          [provisioning]\nmethod = \"service\"\nservice_connection_string_file = {svc:?}\n\
          device_id = \"{DEVICE}\"\nmodule_id = \"{MODULE}\"\n\n\
          [state]\ndir = {state:?}\n\n[log]\nlevel = \"debug\"\nformat = \"text\"\n",
@@ -278,11 +281,12 @@ async fn first_boot_provisions_once_the_hub_is_reachable_then_applies_patches() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_boot_with_a_read_only_policy_exits_77() {
+async fn first_boot_with_a_read_only_policy_stays_up_and_provisions_once_the_secret_is_fixed() {
     let sim_dir = tempfile::tempdir().expect("tempdir");
     let sim = Sim::start(SimConfig::ephemeral(sim_dir.path()))
         .await
         .expect("sim starts");
+    let mut events = sim.hub().events();
     let work = tempfile::tempdir().expect("tempdir");
     let service_file = work.path().join("service.connstr");
     let read_only = sim
@@ -291,31 +295,36 @@ async fn first_boot_with_a_read_only_policy_exits_77() {
     std::fs::write(&service_file, &read_only).unwrap();
     let config = write_config(work.path(), sim.mqtt_addr(), &sim.ca_path(), &service_file);
 
-    let (mut child, log) = spawn_daemon(&config, None);
-    let status = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .expect("gives up in time")
-        .expect("wait");
-    let log = log.await.unwrap();
-    assert_eq!(status.code(), Some(77), "{log}");
-    assert!(log.contains("provisioning failed: not authorised"), "{log}");
+    let mut notes = Notifications::bind();
+    let (child, log) = spawn_daemon(&config, Some(notes.path()));
+    notes.expect("READY=1").await;
+    let refused = notes.expect("STATUS=provisioning refused by the hub").await;
+    assert!(refused.contains("fix the provisioning secret"), "{refused}");
+    assert!(sim.hub().get_device(DEVICE).is_err(), "nothing created");
+
+    // The operator fixes the secret; the next attempt reads it anew.
+    let writer = sim
+        .service_connection_string("registryReadWrite")
+        .expect("registryReadWrite policy");
+    std::fs::write(&service_file, &writer).unwrap();
+    wait_event(&mut events, "the connect after provisioning", |e| {
+        matches!(e, SimEvent::Connected { .. })
+    })
+    .await;
+    let (code, log) = stop(child, log).await;
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("provision_refused"),
+        "the event is named: {log}"
+    );
     assert!(
         log.contains("registryReadWrite"),
         "says what is needed: {log}"
     );
-    assert_eq!(
-        log.matches("provisioning failed").count(),
-        1,
-        "the error is reported once: {log}"
-    );
-    assert!(
-        log.contains("provision_failed"),
-        "the event is named: {log}"
-    );
-    assert!(!work.path().join("state").join("module.connstr").exists());
-    assert!(sim.hub().get_device(DEVICE).is_err(), "nothing created");
-    let service: ServiceCredentials = read_only.parse().unwrap();
-    assert_no_secrets(&log, &[service.key.as_base64()]);
+    assert!(log.contains("module identity provisioned"), "{log}");
+    let old: ServiceCredentials = read_only.parse().unwrap();
+    let new: ServiceCredentials = writer.parse().unwrap();
+    assert_no_secrets(&log, &[old.key.as_base64(), new.key.as_base64()]);
     sim.shutdown().await;
 }
 
@@ -325,7 +334,8 @@ fn device_settings(work: &Path, sim: &Sim, device_file: &Path) -> edgetwin::conf
     let config = work.join("edgetwin.toml");
     let text = format!(
         "[hub]\ngateway_host = \"127.0.0.1:{port}\"\nca_file = {ca:?}\n\
-         backoff = {{ initial = \"100ms\", max = \"500ms\" }}\n\n\
+         backoff = {{ initial = \"100ms\", max = \"500ms\" }}\n\
+         refused_backoff = {{ initial = \"200ms\", max = \"500ms\" }}\n\n\
          [provisioning]\nmethod = \"device\"\ndevice_connection_string_file = {device_file:?}\n\n\
          [state]\ndir = {state:?}\n",
         port = sim.mqtt_addr().port(),
@@ -433,33 +443,54 @@ async fn first_boot_with_a_device_key_provisions_connects_and_later_needs_the_ke
     sim.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_boot_with_a_wrong_device_key_stops_with_77() {
+// Current-thread: the daemon's log events are captured on the test's thread.
+#[tokio::test]
+async fn first_boot_with_a_wrong_device_key_waits_and_provisions_once_the_key_is_fixed() {
+    let mut logs = Logs::capture();
     let sim_dir = tempfile::tempdir().expect("tempdir");
     let sim = Sim::start(SimConfig::ephemeral(sim_dir.path()))
         .await
         .expect("sim starts");
+    let mut events = sim.hub().events();
     let work = tempfile::tempdir().expect("tempdir");
     let wrong = SharedKey::generate();
     let (device_path, _) = device_file(work.path(), &sim, Some(&wrong));
     let settings = device_settings(work.path(), &sim, &device_path);
-    let run = edgetwin::app::run_with(
+    // Not `Daemon::start`: that waits for the session, which comes after provisioning.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let daemon = tokio::spawn(edgetwin::app::run_with(
         settings,
-        tokio_util::sync::CancellationToken::new(),
+        stop.clone(),
         edgetwin::app::RunControl::default(),
-    );
-    let err = tokio::time::timeout(WAIT, run)
-        .await
-        .expect("gives up in time")
-        .expect_err("refused");
-    assert_eq!(edgetwin::cli::exit_code(&err), 77, "{err}");
-    let text = err.to_string();
-    assert!(text.contains("device gw1"), "{text}");
-    assert!(!text.contains(wrong.as_base64()), "{text}");
-    assert!(!work.path().join("state").join("module.connstr").exists());
+    ));
+    let refused = logs.wait_for("provision_refused").await;
+    let error = &refused.fields["error"];
+    assert!(error.contains("device gw1"), "{error}");
+    assert!(!error.contains(wrong.as_base64()), "{error}");
     assert!(
         sim.hub().get_module(DEVICE, MODULE).is_err(),
         "nothing created"
     );
+    // The right key goes into the file; the next attempt reads it.
+    let hub_key = sim.hub().get_device(DEVICE).expect("device")["authentication"]["symmetricKey"]
+        ["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let fixed = std::fs::read_to_string(&device_path)
+        .unwrap()
+        .replace(wrong.as_base64(), &hub_key);
+    std::fs::write(&device_path, fixed).unwrap();
+    wait_event(&mut events, "the connect after provisioning", |e| {
+        matches!(e, SimEvent::Connected { .. })
+    })
+    .await;
+    assert!(work.path().join("state").join("module.connstr").exists());
+    stop.cancel();
+    tokio::time::timeout(WAIT, daemon)
+        .await
+        .expect("stops in time")
+        .expect("no panic")
+        .expect("clean stop");
     sim.shutdown().await;
 }

@@ -101,6 +101,16 @@ impl ProvisionError {
         matches!(self, ProvisionError::Registry(e) if e.is_retryable())
     }
 
+    /// The hub refused the secret (401): wrong, rotated or revoked, or without the
+    /// rights. Fixed by someone changing the secret, not by asking again soon.
+    pub fn is_refused(&self) -> bool {
+        matches!(
+            self,
+            ProvisionError::DeviceRefused { .. }
+                | ProvisionError::Registry(RegistryError::Unauthorized(_))
+        )
+    }
+
     fn config(what: impl Into<String>) -> Self {
         ProvisionError::Config { what: what.into() }
     }
