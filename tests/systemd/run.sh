@@ -413,6 +413,24 @@ wait_until 20 "connected again" status_has "connected to"
 status_has "twin v$VERSION" || fail "twin v$VERSION not in force after the restart"
 ok "restarted (pid $PID1 -> $PID2, NRestarts=1), persisted v$VERSION in force at start"
 
+# ---- 4b. a refused credential never leaves the unit failed --------------------------------------
+say "4b. refused credential: active, never failed, STATUS says why; fixed -> connected, no reset-failed"
+in_ct sh -euc 'cp /etc/edgetwin/module.connstr /root/good.connstr
+    sed "s|SharedAccessKey=.*|SharedAccessKey=$(head -c 32 /dev/urandom | base64 -w0)|" /root/good.connstr \
+        >/etc/edgetwin/module.connstr'
+CUR=$(cursor_now)
+in_ct systemctl restart "$UNIT"
+wait_until 30 "StatusText 'credentials refused by the hub'" status_has "credentials refused by the hub"
+is_active || fail "4b: not active while the credential is refused"
+[ "$(prop Result)" = success ] || fail "4b: Result=$(prop Result) while refused"
+has_event auth_backoff "$CUR" || fail "4b: no auth_backoff event"
+REFUSED_STATUS=$(prop StatusText)
+in_ct install -m 0600 /root/good.connstr /etc/edgetwin/module.connstr
+in_ct systemctl restart "$UNIT" # LoadCredential= copies the file at start
+wait_until 20 "connected again with the fixed credential" status_has "connected to"
+PID2=$(prop MainPID)
+ok "refused: active ($REFUSED_STATUS); fixed: connected without reset-failed"
+
 # ---- 5. stop, offline start ------------------------------------------------------------------
 say "5. stop: STOPPING=1, exit 0, state persisted; start with the sim stopped"
 CUR=$(cursor_now)
