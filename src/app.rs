@@ -401,7 +401,10 @@ async fn first_boot_credentials(
                 break;
             }
             Err(e) if e.is_retryable() => {
-                let pause = backoff.next_delay();
+                // DPS may ask for longer than our backoff: what it asked wins.
+                let pause = backoff
+                    .next_delay()
+                    .max(e.retry_after().unwrap_or_default());
                 tracing::warn!(
                     edgetwin_event = "provision_retry",
                     error = %e,
@@ -419,14 +422,21 @@ async fn first_boot_credentials(
             Err(e) if e.is_refused() => {
                 let pause = refused.next_delay();
                 let minutes = pause.as_secs().div_ceil(60);
+                // DPS refusals (a wrong enrollment key, a disabled or unknown enrollment)
+                // are treated alike: someone must change the key or the enrollment.
+                let by = match &e {
+                    ProvisionError::Dps(_) => "DPS",
+                    _ => "the hub",
+                };
                 tracing::error!(
                     edgetwin_event = "provision_refused",
                     error = %e,
                     retry_in_s = pause.as_secs(),
-                    "the hub refused the provisioning secret; trying again later"
+                    refused_by = by,
+                    "provisioning refused; trying again later"
                 );
                 waiting.status = format!(
-                    "provisioning refused by the hub {}; retrying in {minutes} min; \
+                    "provisioning refused by {by} {}; retrying in {minutes} min; \
                      fix the provisioning secret",
                     plan.host_name
                 );

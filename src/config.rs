@@ -144,6 +144,9 @@ pub struct ProvisioningSettings {
     /// takes the DeviceId of its credential; `dps` gets it assigned.
     pub device_id: Option<String>,
     pub module_id: String,
+    /// Where the hub's registry REST API is reached when not `https://{hub}:443` (an
+    /// emulator, a TLS-inspecting proxy); used by `device` and `dps`.
+    pub registry_endpoint: Option<HostPort>,
     pub dps: DpsSettings,
 }
 

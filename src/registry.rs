@@ -197,6 +197,13 @@ impl RegistryClient {
         })
     }
 
+    /// The same client sending to `https://{endpoint}` instead of the credential's host
+    /// (an emulator's REST port, a TLS-inspecting proxy); tokens are unchanged.
+    pub fn with_endpoint(mut self, endpoint: &str) -> Self {
+        self.base = format!("https://{endpoint}");
+        self
+    }
+
     /// The same client with other retry bounds (tests use short ones).
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;

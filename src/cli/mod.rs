@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::app::AppError;
+use crate::provision::dps::DpsError;
 use crate::provision::ProvisionError;
 use crate::registry::{ClientSetupError, RegistryError};
 
@@ -92,6 +93,31 @@ pub fn provision_exit_code(e: &ProvisionError) -> u8 {
         ProvisionError::Registry(e) => registry_exit_code(e),
         ProvisionError::DeviceRefused { .. } => exit::NOPERM,
         ProvisionError::NoKey(_) | ProvisionError::NoGenerationId(_) => exit::DATA,
+        ProvisionError::Dps(e) => dps_exit_code(e),
+    }
+}
+
+/// The sysexits code for a DPS registration error: a refused key is 77 (the message
+/// names the registration id, never the key); an ID scope DPS does not know is a
+/// configuration error (78), as are malformed ids and local problems; what DPS decided
+/// about the enrollment (disabled, failed, unassigned, rejected) is 65; what may pass
+/// (throttling, unreachable, still assigning) is 69.
+pub fn dps_exit_code(e: &DpsError) -> u8 {
+    match e {
+        DpsError::Unauthorized { .. } => exit::NOPERM,
+        DpsError::UnknownScope { .. }
+        | DpsError::InvalidRequest(_)
+        | DpsError::Client(_)
+        | DpsError::State { .. }
+        | DpsError::Record { .. } => exit::CONFIG,
+        DpsError::Rejected { .. }
+        | DpsError::Disabled { .. }
+        | DpsError::Failed { .. }
+        | DpsError::Unassigned { .. } => exit::DATA,
+        DpsError::Throttled { .. }
+        | DpsError::Transient(_)
+        | DpsError::Timeout { .. }
+        | DpsError::Malformed(_) => exit::UNAVAILABLE,
     }
 }
 
@@ -261,6 +287,43 @@ mod tests {
         ] {
             assert_eq!(code(retryable), exit::UNAVAILABLE);
         }
+    }
+
+    #[test]
+    fn dps_errors_map_to_sysexits() {
+        let code = |e| provision_exit_code(&ProvisionError::Dps(e));
+        let id = || "gw1".to_string();
+        assert_eq!(
+            code(DpsError::Unauthorized {
+                registration_id: id(),
+                status: 401,
+                message: "x".into()
+            }),
+            exit::NOPERM
+        );
+        assert_eq!(
+            code(DpsError::UnknownScope {
+                id_scope: "0ne0".into(),
+                endpoint: "e".into(),
+                message: "x".into()
+            }),
+            exit::CONFIG
+        );
+        assert_eq!(
+            code(DpsError::Disabled {
+                registration_id: id(),
+                message: String::new()
+            }),
+            exit::DATA
+        );
+        assert_eq!(
+            code(DpsError::Unassigned {
+                registration_id: id(),
+                message: String::new()
+            }),
+            exit::DATA
+        );
+        assert_eq!(code(DpsError::Transient("x".into())), exit::UNAVAILABLE);
     }
 
     #[test]

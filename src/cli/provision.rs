@@ -1,6 +1,7 @@
 //! `edgetwin provision [--config PATH] [--ca-file PATH]` (DESIGN §1): obtains the module
 //! identity through [`crate::provision`] with the configured `[provisioning] method`
-//! (`device`: this device's own credential; `service`: a registry policy key) and
+//! (`dps`: registered with the Device Provisioning Service, then as `device`; `device`:
+//! this device's own credential; `service`: a registry policy key) and
 //! reports what it did. Prints identities and the credential file's path, never a key.
 
 use super::{config_path, exit, Failure, ProvisionArgs};
@@ -14,8 +15,13 @@ pub async fn run(args: ProvisionArgs) -> u8 {
         Ok(done) => {
             let how = |created| if created { "created" } else { "existing" };
             match done.method {
-                ProvisioningMethod::Device => {
-                    println!("device: {} (its own credential)", done.device_id);
+                ProvisioningMethod::Device | ProvisioningMethod::Dps => {
+                    let whose = if done.method == ProvisioningMethod::Dps {
+                        "assigned by DPS"
+                    } else {
+                        "its own credential"
+                    };
+                    println!("device: {} ({whose})", done.device_id);
                     let keys = if done.keys_set {
                         "keys derived from the device key and set"
                     } else {

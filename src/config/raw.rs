@@ -99,6 +99,7 @@ pub struct RawProvisioning {
     pub device_connection_string: String,
     pub device_id: String,
     pub module_id: String,
+    pub registry_endpoint: String,
     pub dps: RawDps,
 }
 
@@ -113,6 +114,7 @@ impl Default for RawProvisioning {
             device_connection_string: String::new(),
             device_id: String::new(),
             module_id: "edgetwin".into(),
+            registry_endpoint: String::new(),
             dps: RawDps::default(),
         }
     }

@@ -77,6 +77,11 @@ pub(super) fn toml(s: &Settings) -> String {
         quote(p.device_id.as_deref().unwrap_or(""))
     ));
     line(format!("module_id = {}", quote(&p.module_id)));
+    let registry = p.registry_endpoint.as_ref().map(ToString::to_string);
+    line(format!(
+        "registry_endpoint = {}",
+        quote(registry.as_deref().unwrap_or(""))
+    ));
     let dps = &p.dps;
     line("\n[provisioning.dps]".into());
     line(format!("global_endpoint = {}", quote(&dps.global_endpoint)));

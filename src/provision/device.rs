@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::{Plan, ProvisionError, Provisioned};
 use crate::identity::{DeviceCredentials, SharedKey};
-use crate::registry::RegistryError;
+use crate::registry::{RegistryClient, RegistryError};
 
 /// How often a module that is re-created under our feet (its `generationId` changing
 /// between reading it and keying it) is tried again before giving up.
@@ -32,9 +32,10 @@ pub fn module_keys(
 
 pub(super) async fn provision(
     plan: &Plan,
+    client: &RegistryClient,
     device: &DeviceCredentials,
 ) -> Result<Provisioned, ProvisionError> {
-    let (client, device_id, module_id) = (&plan.client, &plan.device_id, &plan.module_id);
+    let (device_id, module_id) = (&plan.device_id, &plan.module_id);
     let refused = |e: RegistryError| match e {
         RegistryError::Unauthorized(_) => ProvisionError::DeviceRefused {
             device: device.device_id.clone(),

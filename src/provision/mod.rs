@@ -8,13 +8,15 @@
 //!   and key the device's own modules and nothing else (PROTOCOL §11).
 //! - `service`: a registryReadWrite policy key creates the device and the module, as the
 //!   tutorial's CreateModule.py does; least preferred (the key can touch every device).
-//! - `dps`: not built into this version ([`ProvisionError::NotBuilt`]).
+//! - `dps`: the Device Provisioning Service assigns the hub and the device (once: the
+//!   assignment is kept in `provisioning.json`), then as `device` (`register`).
 //!
 //! Library code: it returns a typed [`ProvisionError`] and never prints. Its callers are
 //! `edgetwin provision` (`cli::provision`, which prints and picks the exit code) and the
 //! daemon's first boot (`app`, which retries what [`ProvisionError::is_retryable`]).
 
 mod device;
+mod register;
 mod service;
 
 pub mod dps;
@@ -26,6 +28,7 @@ use crate::config::{ProvisioningMethod, Settings};
 use crate::hub::tls::CaBundle;
 use crate::identity::{DeviceCredentials, ModuleCredentials};
 use crate::registry::{ClientSetupError, RegistryAuth, RegistryClient, RegistryError, RetryPolicy};
+use dps::DpsError;
 
 pub use crate::registry::hub_host_name;
 pub use device::module_keys;
@@ -87,6 +90,10 @@ pub enum ProvisionError {
     /// The configuration chooses a method this build cannot run.
     #[error("provisioning method \"{method}\" is not built into this version of edgetwin")]
     NotBuilt { method: &'static str },
+    /// DPS did not assign this gateway (final: refused key, unknown scope, disabled,
+    /// failed, unassigned) or could not be reached (see [`ProvisionError::is_retryable`]).
+    #[error("{0}")]
+    Dps(#[from] DpsError),
     /// The module credential could not be written under the state directory.
     #[error("writing {}: {source}", path.display())]
     StateDir {
@@ -98,17 +105,40 @@ pub enum ProvisionError {
 impl ProvisionError {
     /// Worth trying again later (hub throttling or unreachable).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ProvisionError::Registry(e) if e.is_retryable())
+        match self {
+            ProvisionError::Registry(e) => e.is_retryable(),
+            ProvisionError::Dps(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+
+    /// How long the service asked to be left alone, when it did (DPS throttling).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProvisionError::Dps(e) => e.retry_after(),
+            _ => None,
+        }
     }
 
     /// The hub refused the secret (401): wrong, rotated or revoked, or without the
-    /// rights. Fixed by someone changing the secret, not by asking again soon.
+    /// rights; or DPS decided against this registration (refused key, unknown scope,
+    /// disabled enrollment, failed or unassigned). Fixed by someone changing the secret
+    /// or the enrollment, not by asking again soon.
     pub fn is_refused(&self) -> bool {
-        matches!(
-            self,
+        match self {
             ProvisionError::DeviceRefused { .. }
-                | ProvisionError::Registry(RegistryError::Unauthorized(_))
-        )
+            | ProvisionError::Registry(RegistryError::Unauthorized(_)) => true,
+            ProvisionError::Dps(e) => matches!(
+                e,
+                DpsError::Unauthorized { .. }
+                    | DpsError::UnknownScope { .. }
+                    | DpsError::Rejected { .. }
+                    | DpsError::Disabled { .. }
+                    | DpsError::Failed { .. }
+                    | DpsError::Unassigned { .. }
+            ),
+            _ => false,
+        }
     }
 
     fn config(what: impl Into<String>) -> Self {
@@ -159,7 +189,14 @@ pub struct Plan {
     pub device_id: String,
     pub module_id: String,
     pub credential_file: PathBuf,
-    client: RegistryClient,
+    work: Work,
+}
+
+/// How a plan gets its registry client: at once, or after a DPS registration.
+#[derive(Debug)]
+enum Work {
+    Registry(RegistryClient),
+    Dps(Box<register::Registration>),
 }
 
 impl Plan {
@@ -177,9 +214,24 @@ impl Plan {
                 "no provisioning method: set provisioning.method to \"device\" (this \
                  device's connection string) or \"service\" (a registry policy key)",
             )),
-            // Registration hands over a device credential; then as `device`, through
-            // [`Plan::for_device`].
-            ProvisioningMethod::Dps => Err(ProvisionError::NotBuilt { method: "dps" }),
+            // Registration (network) waits for `run`; it hands over a device credential,
+            // then as `device`, through [`Plan::for_device`].
+            ProvisioningMethod::Dps => {
+                let registration = register::Registration::from_settings(settings, ca_file)?;
+                let module_id = settings.provisioning.module_id.clone();
+                if module_id.is_empty() {
+                    return Err(ProvisionError::config("provisioning.module_id must be set"));
+                }
+                let (host_name, device_id) = registration.expected();
+                Ok(Plan {
+                    method: p.method,
+                    host_name,
+                    device_id,
+                    module_id,
+                    credential_file: settings.state.provisioned_credentials_file(),
+                    work: Work::Dps(Box::new(registration)),
+                })
+            }
             ProvisioningMethod::Service => {
                 let device_id = p.device_id.clone().ok_or_else(|| {
                     ProvisionError::config(
@@ -227,22 +279,30 @@ impl Plan {
             return Err(ProvisionError::config("provisioning.module_id must be set"));
         }
         let configured_ca = settings.hub.ca_file.as_ref().map(CaBundle::path);
-        let client = RegistryClient::trusting(auth, ca_file.or(configured_ca))?.with_retry(RETRY);
+        let mut client =
+            RegistryClient::trusting(auth, ca_file.or(configured_ca))?.with_retry(RETRY);
+        if let Some(endpoint) = &settings.provisioning.registry_endpoint {
+            client = client.with_endpoint(&endpoint.to_string());
+        }
         Ok(Plan {
             method,
             host_name: hub_host_name(client.host_name()).to_owned(),
             device_id,
             module_id,
             credential_file: settings.state.provisioned_credentials_file(),
-            client,
+            work: Work::Registry(client),
         })
     }
 
     /// Provisions with the plan's method and writes the module credential.
     pub async fn run(&self) -> Result<Provisioned, ProvisionError> {
-        match self.client.auth() {
-            RegistryAuth::Service(_) => service::provision(self).await,
-            RegistryAuth::Device(device) => device::provision(self, device).await,
+        let client = match &self.work {
+            Work::Registry(client) => client,
+            Work::Dps(registration) => return registration.run().await,
+        };
+        match client.auth() {
+            RegistryAuth::Service(_) => service::provision(self, client).await,
+            RegistryAuth::Device(device) => device::provision(self, client, device).await,
         }
     }
 

@@ -8,10 +8,13 @@ use serde_json::Value;
 
 use super::{Plan, ProvisionError, Provisioned};
 use crate::identity::SharedKey;
-use crate::registry::RegistryError;
+use crate::registry::{RegistryClient, RegistryError};
 
-pub(super) async fn provision(plan: &Plan) -> Result<Provisioned, ProvisionError> {
-    let (client, device_id, module_id) = (&plan.client, &plan.device_id, &plan.module_id);
+pub(super) async fn provision(
+    plan: &Plan,
+    client: &RegistryClient,
+) -> Result<Provisioned, ProvisionError> {
+    let (device_id, module_id) = (&plan.device_id, &plan.module_id);
     let device_created = match client.create_device(device_id).await {
         Ok(_) => true,
         Err(RegistryError::Conflict(_)) => {

@@ -125,12 +125,18 @@ pub(super) fn provisioning(
             check.fail(key, e);
         }
     }
+    let registry_endpoint = non_empty(&p.registry_endpoint).and_then(|text| {
+        HostPort::parse(text, 443)
+            .map_err(|e| check.fail("provisioning.registry_endpoint", e.to_string()))
+            .ok()
+    });
     ProvisioningSettings {
         method,
         service_credentials: service.source,
         device_credentials: device.source,
         device_id,
         module_id,
+        registry_endpoint,
         dps: dps.0,
     }
 }
