@@ -215,6 +215,63 @@ fn cases() -> Vec<Case> {
     no_device.rest = "[provisioning]\nmethod = \"device\"\n".into();
     cases.push(no_device);
 
+    let dps = "[provisioning]\nmethod = \"dps\"\n\n[provisioning.dps]\n\
+               global_endpoint = \"localhost:8443\"\nregistration_id = \"gw1\"\n";
+    for (what, key, extra, key_file) in [
+        (
+            "first boot with dps and no id scope",
+            "provisioning.dps.id_scope",
+            "group_key_file = \"{dir}/group.key\"\n",
+            Some(KEY.to_string()),
+        ),
+        (
+            "first boot with dps and an id scope DPS cannot have",
+            "provisioning.dps.id_scope",
+            "id_scope = \"0ne-0001\"\ngroup_key_file = \"{dir}/group.key\"\n",
+            Some(KEY.to_string()),
+        ),
+        (
+            "first boot with dps and no enrollment key",
+            "provisioning.dps.symmetric_key_file",
+            "id_scope = \"0ne00001\"\n",
+            None,
+        ),
+        (
+            "first boot with dps and a group key file that is no key",
+            "provisioning.dps.group_key_file",
+            "id_scope = \"0ne00001\"\ngroup_key_file = \"{dir}/group.key\"\n",
+            Some("not base64!\n".to_string()),
+        ),
+    ] {
+        let mut bad = case(what, key, "");
+        bad.hub = String::new();
+        bad.rest = format!("{dps}{extra}");
+        if let Some(content) = key_file {
+            bad.files.push(("group.key", content));
+        }
+        cases.push(bad);
+    }
+    let mut bad_registration = case(
+        "first boot with dps and a registration id DPS cannot have",
+        "provisioning.dps.registration_id",
+        "",
+    );
+    bad_registration.hub = String::new();
+    bad_registration.rest = "[provisioning]\nmethod = \"dps\"\n\n[provisioning.dps]\n\
+                             id_scope = \"0ne00001\"\nregistration_id = \"gw 1/x\"\n\
+                             group_key_file = \"{dir}/group.key\"\n"
+        .into();
+    bad_registration.files.push(("group.key", KEY.to_string()));
+    cases.push(bad_registration);
+
+    let mut bad_registry = case(
+        "a registry endpoint written as a URL",
+        "provisioning.registry_endpoint",
+        "",
+    );
+    bad_registry.rest = "[provisioning]\nregistry_endpoint = \"https://localhost:8443\"\n".into();
+    cases.push(bad_registry);
+
     let mut contradiction = case(
         "the deprecated enabled = true beside another method",
         "provisioning.enabled",

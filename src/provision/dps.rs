@@ -101,27 +101,39 @@ impl DpsRequest {
     /// Checks the ids the way DPS does (PROTOCOL §12.2): the scope alphanumeric, the
     /// registration id up to 128 of alphanumerics and `-._:`.
     pub fn validate(&self) -> Result<(), DpsError> {
-        let scope_ok = !self.id_scope.is_empty()
-            && self.id_scope.len() <= 64
-            && self.id_scope.bytes().all(|b| b.is_ascii_alphanumeric());
-        if !scope_ok {
-            return Err(DpsError::InvalidRequest(format!(
-                "id_scope {:?} is not a DPS ID scope (letters and digits, e.g. 0ne00012345)",
-                self.id_scope
-            )));
-        }
-        let id = &self.registration_id;
-        let id_ok = !id.is_empty()
-            && id.len() <= 128
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b));
-        if !id_ok {
-            return Err(DpsError::InvalidRequest(format!(
-                "registration_id {id:?} is not valid for DPS (1..128 of letters, digits, - . _ :)"
-            )));
-        }
+        check_id_scope(&self.id_scope).map_err(DpsError::InvalidRequest)?;
+        check_registration_id(&self.registration_id).map_err(DpsError::InvalidRequest)
+    }
+}
+
+/// An ID scope as DPS accepts it: letters and digits, at most 64 (the configuration
+/// checks it with this too, so `check-config` and `run` agree).
+pub fn check_id_scope(id_scope: &str) -> Result<(), String> {
+    let ok = !id_scope.is_empty()
+        && id_scope.len() <= 64
+        && id_scope.bytes().all(|b| b.is_ascii_alphanumeric());
+    if ok {
         Ok(())
+    } else {
+        Err(format!(
+            "id_scope {id_scope:?} is not a DPS ID scope (letters and digits, e.g. 0ne00012345)"
+        ))
+    }
+}
+
+/// A registration id as DPS accepts it: 1..128 of letters, digits and `-._:`.
+pub fn check_registration_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "registration_id {id:?} is not valid for DPS (1..128 of letters, digits, - . _ :)"
+        ))
     }
 }
 

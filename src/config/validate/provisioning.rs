@@ -14,6 +14,7 @@ use super::super::{DpsKeyKind, DpsSettings, ProvisioningMethod, ProvisioningSett
 use super::{check_identity_name, hostname, inline_credential, non_empty, Check};
 use crate::hub::options::HostPort;
 use crate::identity::{ConnectionStringError, DeviceCredentials, ServiceCredentials};
+use crate::provision::dps;
 
 /// The method in force, from `method` and the deprecated `enabled`.
 pub(super) fn method(check: &mut Check, p: &RawProvisioning) -> ProvisioningMethod {
@@ -253,12 +254,16 @@ fn dps(
                 "provisioning.dps.id_scope",
                 "must be set when provisioning.method = \"dps\"",
             );
+        } else if let Err(e) = dps::check_id_scope(&id_scope) {
+            check.fail("provisioning.dps.id_scope", e);
         }
         if registration_id.is_empty() {
             check.fail(
                 "provisioning.dps.registration_id",
                 "not set, and the hostname could not be read",
             );
+        } else if let Err(e) = dps::check_registration_id(&registration_id) {
+            check.fail("provisioning.dps.registration_id", e);
         }
     }
     let before = check.errors.len();
