@@ -560,11 +560,29 @@ collect_secrets /etc/edgetwin/device.connstr
 first_boot D-device gw-device "$CUR"
 has_event provisioned "$CUR" || fail "D: no provisioned event"
 
-# E. DPS (issue 11, not built yet): first boot with an enrollment (group) key, the
-# emulator's id scope and endpoint (its state dir: dps/id_scope, dps/group.key,
-# dps/endpoint): reset_identity; install the key root-only as /etc/edgetwin/dps...key;
-# identity_config with method = "dps" and [provisioning.dps]; first_boot E-dps <assigned
-# device id> "$CUR"; has_event provisioned; provisioning.json in the state dir, no key.
+# E. DPS: first boot with the emulator's enrollment-group key (root-only, handed over as
+# the credential dps-group-key), its id scope and endpoint (its state dir: dps/id_scope,
+# dps/group.key, dps/endpoint). DPS assigns the hub "localhost" without the REST port, so
+# registry_endpoint points the device-scoped REST calls at the emulator's.
+reset_identity
+CUR=$(cursor_now)
+DPS_SCOPE=$(in_ct cat /var/lib/edgetwin-sim/dps/id_scope | tr -d '[:space:]')
+DPS_ENDPOINT=$(in_ct cat /var/lib/edgetwin-sim/dps/endpoint | tr -d '[:space:]')
+[ -n "$DPS_SCOPE" ] && [ -n "$DPS_ENDPOINT" ] || fail "E: the emulator wrote no dps/id_scope or dps/endpoint"
+in_ct install -m 0600 /var/lib/edgetwin-sim/dps/group.key /etc/edgetwin/dps-group.key
+in_ct sh -c 'tr -d "[:space:]" </etc/edgetwin/dps-group.key >>/root/secrets; echo >>/root/secrets
+    sort -u -o /root/secrets /root/secrets'
+identity_config "$(printf '[provisioning]\nmethod = "dps"\nregistry_endpoint = "localhost:8443"\n\n[provisioning.dps]\nglobal_endpoint = "%s"\nid_scope = "%s"\nregistration_id = "gw-dps"' \
+    "$DPS_ENDPOINT" "$DPS_SCOPE")"
+first_boot E-dps gw-dps "$CUR"
+has_event provisioned "$CUR" || fail "E: no provisioned event"
+has_event dps_registered "$CUR" || fail "E: no dps_registered event"
+in_ct test -f /var/lib/edgetwin/provisioning.json || fail "E: no /var/lib/edgetwin/provisioning.json"
+in_ct grep -q '"assigned_hub"' /var/lib/edgetwin/provisioning.json || fail "E: provisioning.json holds no assignment"
+if in_ct grep -q -F -f /root/secrets /var/lib/edgetwin/provisioning.json; then
+    fail "E: provisioning.json holds a key"
+fi
+ok "E: registered with DPS as gw-dps ($DPS_SCOPE at $DPS_ENDPOINT); provisioning.json without a key"
 
 # ---- 6. remove, purge ----------------------------------------------------------------------
 say "6. dpkg -r keeps the state; dpkg -P removes it"
@@ -585,4 +603,4 @@ echo "   exposure (systemd-analyze security --offline=true): $EXPOSURE"
 echo "   .deb: $DEB_SIZE bytes; installed /usr/bin/edgetwin: $BIN_SIZE bytes"
 echo "   container boot: $BOOT_S s; systemctl start -> active: $START_S s, -> connected: $CONNECTED_S s"
 echo "   offline start -> active: $OFFLINE_S s"
-echo "   identity paths: module credential in /etc; edgetwin provision as edgetwin; first boot with a service key; with a device key"
+echo "   identity paths: module credential in /etc; edgetwin provision as edgetwin; first boot with a service key; with a device key; with a DPS group key"
