@@ -104,9 +104,9 @@ pub async fn run_with(
     // secret read once, here) names the identity to be.
     let start = match module_credentials(&settings)? {
         Some(c) => Start::Known(c),
-        None => {
-            Start::FirstBoot(Plan::from_settings(&settings, None).map_err(AppError::Provision)?)
-        }
+        None => Start::FirstBoot(Box::new(
+            Plan::from_settings(&settings, None).map_err(AppError::Provision)?,
+        )),
     };
     let (device_id, module_id) = match &start {
         Start::Known(c) => (c.device_id.clone(), c.module_id.clone()),
@@ -139,7 +139,7 @@ pub async fn run_with(
                 deferred: None,
                 status,
             };
-            let provisioned = first_boot_credentials(&settings, plan, &mut waiting, &shutdown)
+            let provisioned = first_boot_credentials(&settings, *plan, &mut waiting, &shutdown)
                 .instrument(span.clone())
                 .await?;
             deferred_reload = waiting.deferred;
@@ -335,7 +335,7 @@ fn reload(
 /// How the daemon starts: with its module credential, or provisioning it first.
 enum Start {
     Known(ModuleCredentials),
-    FirstBoot(Plan),
+    FirstBoot(Box<Plan>),
 }
 
 /// The module credential; `None` when it is still to be provisioned (first boot with a

@@ -196,7 +196,7 @@ pub struct Plan {
 #[derive(Debug)]
 enum Work {
     Registry(RegistryClient),
-    Dps(Box<register::Registration>),
+    Dps(register::Registration),
 }
 
 impl Plan {
@@ -229,7 +229,7 @@ impl Plan {
                     device_id,
                     module_id,
                     credential_file: settings.state.provisioned_credentials_file(),
-                    work: Work::Dps(Box::new(registration)),
+                    work: Work::Dps(registration),
                 })
             }
             ProvisioningMethod::Service => {

@@ -22,7 +22,7 @@ use crate::hub::tls::CaBundle;
 pub(super) struct Registration {
     request: DpsRequest,
     client: DpsClient,
-    settings: Settings,
+    settings: Box<Settings>,
     ca_file: Option<PathBuf>,
 }
 
@@ -60,7 +60,7 @@ impl Registration {
         let client = DpsClient::new(ca.as_ref())?;
         // The assigned device is DPS's choice; a configured device_id cannot override it
         // (the device key may manage that device's modules only).
-        let mut settings = settings.clone();
+        let mut settings = Box::new(settings.clone());
         settings.provisioning.device_id = None;
         Ok(Registration {
             request,
