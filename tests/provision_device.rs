@@ -440,32 +440,6 @@ async fn a_module_without_a_generation_id_is_refused_as_bad_data() {
 }
 
 #[tokio::test]
-async fn dps_is_accepted_by_the_config_but_not_built_yet_exit_78() {
-    let work = tempfile::tempdir().unwrap();
-    let key = work.path().join("group.key");
-    std::fs::write(&key, SharedKey::generate().as_base64()).unwrap();
-    let config = work.path().join("edgetwin.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[provisioning]\nmethod = \"dps\"\n[provisioning.dps]\nid_scope = \"0ne00000001\"\n\
-             group_key_file = {key:?}\n[state]\ndir = {state:?}\n",
-            state = work.path().join("state"),
-        ),
-    )
-    .unwrap();
-    let check = edgetwin(&["check-config", "--config", config.to_str().unwrap()]).await;
-    assert_eq!(check.status.code(), Some(0), "{:?}", text(&check));
-    let out = edgetwin(&["provision", "--config", config.to_str().unwrap()]).await;
-    let (_, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(78), "{stderr}");
-    assert!(
-        stderr.contains("\"dps\" is not built into this version"),
-        "{stderr}"
-    );
-}
-
-#[tokio::test]
 async fn provision_shows_the_deprecation_warning_of_enabled() {
     let gw = Gateway::start().await;
     let config = gw.work.path().join("old.toml");

@@ -87,9 +87,7 @@ pub fn registry_exit_code(e: &RegistryError) -> u8 {
 /// its first boot fails for good).
 pub fn provision_exit_code(e: &ProvisionError) -> u8 {
     match e {
-        ProvisionError::Config { .. }
-        | ProvisionError::NotBuilt { .. }
-        | ProvisionError::StateDir { .. } => exit::CONFIG,
+        ProvisionError::Config { .. } | ProvisionError::StateDir { .. } => exit::CONFIG,
         ProvisionError::Registry(e) => registry_exit_code(e),
         ProvisionError::DeviceRefused { .. } => exit::NOPERM,
         ProvisionError::NoKey(_) | ProvisionError::NoGenerationId(_) => exit::DATA,
@@ -349,10 +347,6 @@ mod tests {
                 source: RegistryError::Unauthorized("x".into()),
             }),
             exit::NOPERM
-        );
-        assert_eq!(
-            provision(ProvisionError::NotBuilt { method: "dps" }),
-            exit::CONFIG
         );
         assert_eq!(
             provision(ProvisionError::StateDir {

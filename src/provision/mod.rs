@@ -87,9 +87,6 @@ pub enum ProvisionError {
     /// The hub's module has no `generationId` to derive its keys from.
     #[error("the hub's module {0} has no generationId to derive its keys from")]
     NoGenerationId(String),
-    /// The configuration chooses a method this build cannot run.
-    #[error("provisioning method \"{method}\" is not built into this version of edgetwin")]
-    NotBuilt { method: &'static str },
     /// DPS did not assign this gateway (final: refused key, unknown scope, disabled,
     /// failed, unassigned) or could not be reached (see [`ProvisionError::is_retryable`]).
     #[error("{0}")]
@@ -201,8 +198,8 @@ enum Work {
 
 impl Plan {
     /// `ca_file` overrides `hub.ca_file`. Every failure here is a
-    /// [`ProvisionError::Config`] or [`ProvisionError::NotBuilt`] (or, rarely, the HTTP
-    /// client not building).
+    /// [`ProvisionError::Config`] (or a DPS request DPS would refuse, or, rarely, the HTTP
+    /// client not building): no network is used; `dps` registers in [`Plan::run`].
     pub fn from_settings(
         settings: &Settings,
         ca_file: Option<&Path>,
