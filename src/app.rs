@@ -362,9 +362,11 @@ fn module_credentials(settings: &Settings) -> Result<Option<ModuleCredentials>, 
 
 /// First boot: provisions the module identity with the configured method (its secret
 /// was read once, into `plan`, and is never read again once `module.connstr` exists),
-/// retrying with the hub backoff while the hub is unreachable or throttling, and returns
-/// the module credential it wrote. A refusal (401: a policy without registry write
-/// rights, a wrong device key) is final and returned, not logged. `None` when `shutdown`
+/// retrying with the hub backoff (or what DPS asked, if longer) while the hub or DPS is
+/// unreachable or throttling, and returns the module credential it wrote. A refusal (401:
+/// a policy without registry write rights, a wrong device key; or DPS refusing the
+/// enrollment key or the enrollment) keeps it waiting with the refused backoff and a plan
+/// made anew; other failures are final and returned, not logged. `None` when `shutdown`
 /// came first.
 ///
 /// The watchdog is fed on its period meanwhile: every attempt is bounded by the registry

@@ -305,3 +305,41 @@ fn dps_settings_are_parsed_and_checked_when_dps_is_the_method() {
         Ok(())
     });
 }
+
+#[test]
+fn registry_endpoint_and_dps_ids_are_checked_as_the_clients_need_them() {
+    Jail::expect_with(|jail| {
+        let (_, main) = setup(
+            jail,
+            "[hub]\nconnection_string_file = \"/run/m\"\n\
+             [provisioning]\nregistry_endpoint = \"localhost:8443\"\n",
+        );
+        let s = load(&main)?;
+        let endpoint = s.provisioning.registry_endpoint.clone().expect("set");
+        assert_eq!(endpoint.to_string(), "localhost:8443");
+        assert!(s
+            .redacted_toml()
+            .contains("registry_endpoint = \"localhost:8443\""));
+        let (_, main) = setup(jail, "[hub]\nconnection_string_file = \"/run/m\"\n");
+        assert_eq!(load(&main)?.provisioning.registry_endpoint, None);
+
+        let body = "[provisioning]\nmethod = \"dps\"\nregistry_endpoint = \"https://hub\"\n\
+                    [provisioning.dps]\nid_scope = \"0ne-01\"\nregistration_id = \"gw 1\"\n\
+                    group_key_file = \"/b\"\n";
+        let (_, main) = setup(jail, body);
+        let mut found = keys(&load_err(&main))
+            .into_iter()
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                "provisioning.dps.id_scope",
+                "provisioning.dps.registration_id",
+                "provisioning.registry_endpoint",
+            ]
+        );
+        Ok(())
+    });
+}
