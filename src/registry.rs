@@ -27,6 +27,7 @@ mod errors;
 mod request;
 
 pub use auth::{hub_host_name, RegistryAuth};
+pub(crate) use errors::without_url;
 pub use errors::{error_message, ClientSetupError, RegistryError};
 
 use std::path::Path;

@@ -32,7 +32,9 @@ use sha2::Sha256;
 use crate::hub::backoff::BackoffPolicy;
 use crate::hub::options::HostPort;
 use crate::hub::tls::CaBundle;
+use crate::identity::clock::{exceeds_tolerance, hub_time, SkewedClock};
 use crate::identity::{token, DeviceCredentials, SharedKey};
+use crate::registry::without_url;
 
 mod flow;
 pub mod record;
@@ -442,29 +444,11 @@ fn seg(id: &str) -> String {
     utf8_percent_encode(id, SEGMENT).to_string()
 }
 
-/// reqwest errors, with their causes, without the URL.
-fn without_url(e: &reqwest::Error) -> String {
-    let mut msg = e.to_string();
-    if let Some(url) = e.url() {
-        msg = msg.replace(url.as_str(), "");
-    }
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
-}
-
-/// Seconds between our clock and an HTTP `Date`, when it is more than two minutes.
+/// Seconds the DPS clock is ahead of ours, from an answer's `Date`, when that is more
+/// than the tolerance (the same rule as for the hub).
 fn clock_skew(date: &str) -> Option<i64> {
-    let theirs = httpdate::parse_http_date(date).ok()?;
-    let skew = match SystemTime::now().duration_since(theirs) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    };
-    (skew.abs() >= 120).then_some(skew)
+    let offset = SkewedClock::system(0).offset_to(hub_time(date)?);
+    exceeds_tolerance(offset).then_some(offset)
 }
 
 #[cfg(test)]

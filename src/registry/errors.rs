@@ -97,6 +97,22 @@ pub fn error_message(body: &str, code_name: Option<&str>) -> String {
     }
 }
 
+/// A reqwest error with its causes, without the URL: ours never holds secrets, but the
+/// message stays short.
+pub(crate) fn without_url(e: &reqwest::Error) -> String {
+    let mut msg = e.to_string();
+    if let Some(url) = e.url() {
+        msg = msg.replace(url.as_str(), "");
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::errors::without_url;
 use super::{error_message, RegistryClient, RegistryError, Repeat, API_VERSION, TOKEN_TTL};
 use crate::identity::clock::{exceeds_tolerance, hub_time, SkewedClock};
 
@@ -200,19 +201,4 @@ impl From<RegistryError> for AttemptFailure {
             hub_clock: None,
         }
     }
-}
-
-/// reqwest errors carry the URL; ours never holds secrets, but keep messages short.
-fn without_url(e: &reqwest::Error) -> String {
-    let mut msg = e.to_string();
-    if let Some(url) = e.url() {
-        msg = msg.replace(url.as_str(), "");
-    }
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }
