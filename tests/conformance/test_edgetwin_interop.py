@@ -6,7 +6,8 @@
 - `edgetwin twin set` PATCHes desired; the tutorial's ReceiveModuleTwinDesiredPropertiesPatch.py
   (Python device SDK) prints the patch.
 - `edgetwin provision --ca-file` writes a module connection string that the Python module
-  client uses unchanged (connect, get_twin, patch reported).
+  client uses unchanged (connect, get_twin, patch reported), with a registry policy key
+  and with only a device's own key (`method = "device"`).
 
 The tutorial's programs come from the seed document, changed only on their
 `CONNECTION_STRING` line (see test_tutorial.py). The daemon and the receiver use the same
@@ -253,3 +254,44 @@ def test_provisioned_connection_string_works_in_the_python_module_client(
     client.patch_twin_reported_properties({"provisionedBy": "edgetwin"})
     reported = registry.get_module_twin(device_id, "edgetwin").properties.reported
     assert reported.get("provisionedBy") == "edgetwin", reported
+
+
+def test_a_module_created_with_a_device_token_works_in_the_python_sdks(
+    sim, tmp_path, registry, module_clients
+):
+    """`[provisioning] method = "device"`: only this device's key on the gateway. The
+    module it creates (device-scoped token, keys derived from the generationId) is seen by
+    the Python service SDK and its connection string works in the Python module client."""
+    device_id = unique_id("devicekey")
+    device = registry.create_device_with_sas(device_id, None, None, "enabled")
+    device_key = device.authentication.symmetric_key.primary_key
+    device_file = tmp_path / "device.connstr"
+    # The REST port travels in HostName, as for the service connection strings.
+    device_file.write_text(
+        f"HostName=localhost:8443;DeviceId={device_id};SharedAccessKey={device_key}\n",
+        encoding="utf-8",
+    )
+    state = tmp_path / "state"
+    config = tmp_path / "edgetwin.toml"
+    config.write_text(
+        "[provisioning]\nmethod = \"device\"\n"
+        f"device_connection_string_file = {toml_string(device_file)}\n"
+        'module_id = "edgetwin"\n\n'
+        f"[state]\ndir = {toml_string(state)}\n",
+        encoding="utf-8",
+    )
+    done = run_edgetwin("provision", "--config", str(config), "--ca-file", str(sim.ca_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    connstr = (state / "module.connstr").read_text(encoding="utf-8").strip()
+    key = connstr.rsplit("SharedAccessKey=", 1)[1]
+    for secret in (key, device_key):
+        assert secret not in done.stdout + done.stderr, "provision printed a key"
+
+    hub_module = registry.get_module(device_id, "edgetwin")
+    assert hub_module.authentication.symmetric_key.primary_key == key
+
+    client = module_clients(connstr, server_verification_cert=sim.ca_pem)
+    client.connect()
+    client.patch_twin_reported_properties({"provisionedWith": "device key"})
+    reported = registry.get_module_twin(device_id, "edgetwin").properties.reported
+    assert reported.get("provisionedWith") == "device key", reported
