@@ -282,3 +282,22 @@ async fn an_unreachable_endpoint_is_a_retryable_error() {
     assert!(matches!(err, DpsError::Transient(_)), "{err}");
     assert!(err.is_retryable());
 }
+
+#[tokio::test]
+async fn a_clock_two_days_behind_dps_is_corrected_from_its_date_and_registers() {
+    let env = Env::start().await;
+    // DPS two days ahead of this machine: the first token is long expired for it.
+    env.sim.sim.faults().set_clock_offset(2 * 24 * 3600);
+    let request = env.request("gateway-late", &env.group());
+    let assignment = env.client.register(&request).await.expect("assigned");
+    assert_eq!(assignment.device_id, "gateway-late");
+    let calls = env.calls();
+    assert_eq!(
+        calls[0].status, 401,
+        "the first token was refused: {calls:?}"
+    );
+    assert!(
+        calls[1..].iter().all(|c| c.status < 400),
+        "signed on DPS's time after that: {calls:?}"
+    );
+}

@@ -64,12 +64,15 @@ pub async fn serve(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let app = router(App {
+    let state = App {
         hub,
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
-    })
-    .merge(extra);
+    };
+    // `Date` on every answer, the merged routes' (DPS) too.
+    let app = router(state.clone())
+        .merge(extra)
+        .layer(middleware::from_fn_with_state(state, stamp_date));
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -160,7 +163,6 @@ fn router(app: App) -> Router {
         .route("/$iothub/websocket", methods(get(websocket_upgrade)))
         .fallback(not_found)
         .layer(middleware::from_fn(log_request))
-        .layer(middleware::from_fn_with_state(app.clone(), stamp_date))
         .with_state(app)
 }
 

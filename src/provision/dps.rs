@@ -21,7 +21,9 @@
 //! key in any error, log line or file.
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -311,6 +313,9 @@ pub struct DpsClient {
     http: reqwest::Client,
     policy: PollPolicy,
     request_timeout: Duration,
+    /// Seconds DPS's clock is ahead of the machine's, as a 401's `Date` showed; shared
+    /// by the clones of this client.
+    skew_secs: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for DpsClient {
@@ -340,6 +345,7 @@ impl DpsClient {
             http,
             policy: PollPolicy::default(),
             request_timeout: REQUEST_TIMEOUT,
+            skew_secs: Arc::new(AtomicI64::new(0)),
         })
     }
 
@@ -360,18 +366,47 @@ impl DpsClient {
         flow::run(self, request).await
     }
 
-    /// One request: `None` registers, `Some(id)` polls that operation.
+    /// One request: `None` registers, `Some(id)` polls that operation. A 401 whose `Date`
+    /// shows this machine's clock off is sent once more at once, signed on DPS's time (a
+    /// gateway without a battery-backed clock boots with a wrong time).
     async fn send(&self, request: &DpsRequest, operation: Option<&str>) -> Result<Reply, DpsError> {
+        let (reply, offset) = self.send_signed(request, operation).await?;
+        let Some(offset) = offset else {
+            return Ok(reply);
+        };
+        let signer = SkewedClock::system(self.skew_secs.load(Ordering::Relaxed));
+        let skew = signer.corrected(offset).skew_secs();
+        self.skew_secs.store(skew, Ordering::Relaxed);
+        tracing::warn!(
+            edgetwin_event = "clock_skew",
+            skew_secs = skew,
+            "this machine's clock differs from DPS's; signing the request again against its time (check NTP)"
+        );
+        let (mut reply, still) = self.send_signed(request, operation).await?;
+        if let (Some(_), Reply::Error { message, .. }) = (still, &mut reply) {
+            message.push_str(&format!(
+                "; refused also when signed against DPS's time (this machine's clock differs \
+                 by {skew} s)"
+            ));
+        }
+        Ok(reply)
+    }
+
+    /// One request signed on the clock as corrected so far; with a 401, how far DPS's
+    /// clock is ahead of the one that signed, when more than the tolerance.
+    async fn send_signed(
+        &self,
+        request: &DpsRequest,
+        operation: Option<&str>,
+    ) -> Result<(Reply, Option<i64>), DpsError> {
         let base = format!(
             "https://{}/{}/registrations/{}",
             request.global_endpoint,
             seg(&request.id_scope),
             seg(&request.registration_id)
         );
-        let expiry = SystemTime::now()
-            .checked_add(TOKEN_TTL)
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
+        let signer = SkewedClock::system(self.skew_secs.load(Ordering::Relaxed));
+        let expiry = signer.expiry(TOKEN_TTL);
         let auth = token(
             &request.key,
             &request.resource_uri(),
@@ -419,21 +454,19 @@ impl DpsClient {
         let body = resp.bytes().await.map_err(|e| {
             DpsError::Transient(format!("{what}: reading the answer: {}", without_url(&e)))
         })?;
-        let mut reply = parse_reply(status, &body, retry_after.as_deref())
+        let reply = parse_reply(status, &body, retry_after.as_deref())
             .map_err(|e| DpsError::Malformed(e.0))?;
-        if let Reply::Error {
-            http_status: 401,
-            message,
-            ..
-        } = &mut reply
-        {
-            if let Some(skew) = date.as_deref().and_then(clock_skew) {
-                message.push_str(&format!(
-                    "; this machine's clock differs from DPS's by {skew} s — fix the clock (NTP)"
-                ));
-            }
-        }
-        Ok(reply)
+        let offset = match reply {
+            Reply::Error {
+                http_status: 401, ..
+            } => date
+                .as_deref()
+                .and_then(hub_time)
+                .map(|t| signer.offset_to(t))
+                .filter(|&o| exceeds_tolerance(o)),
+            _ => None,
+        };
+        Ok((reply, offset))
     }
 }
 
@@ -442,13 +475,6 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'
 
 fn seg(id: &str) -> String {
     utf8_percent_encode(id, SEGMENT).to_string()
-}
-
-/// Seconds the DPS clock is ahead of ours, from an answer's `Date`, when that is more
-/// than the tolerance (the same rule as for the hub).
-fn clock_skew(date: &str) -> Option<i64> {
-    let offset = SkewedClock::system(0).offset_to(hub_time(date)?);
-    exceeds_tolerance(offset).then_some(offset)
 }
 
 #[cfg(test)]

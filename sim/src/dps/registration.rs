@@ -16,7 +16,6 @@ use edgetwin::provision::dps::derive_device_key;
 use serde_json::{json, Value};
 
 use super::{Dps, DpsCall, DpsCallKind, State};
-use crate::hub::unix_now;
 use crate::twin_doc::timestamp;
 
 /// One answer: HTTP status (also the MQTT response topic's), JSON body, `Retry-After`.
@@ -287,7 +286,13 @@ impl Dps {
                 enabled: st.group_enabled,
             },
         };
-        match token.verify(&enrollment.key, unix_now()) {
+        // Judged by the hub's clock, as its `Date` says (the clock-offset fault included).
+        let now = self
+            .hub()
+            .clock()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        match token.verify(&enrollment.key, now) {
             Ok(()) => Ok(enrollment),
             Err(SasError::Expired { expired_for_secs }) => Err(unauthorized(&format!(
                 "token expired {expired_for_secs} s ago"
