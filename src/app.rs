@@ -15,11 +15,14 @@
 //! - `status`: the `STATUS=` text.
 //! - `credential`: the module credential while running: read again after a refusal and
 //!   on reload, so a fixed credential is used without a restart.
+//! - `reprovision`: with `device`/`dps`, the module identity provisioned once more after
+//!   repeated refusals (a deleted, re-created or re-keyed module).
 //!
 //! A refused credential never stops the daemon: the session checks the clock, then backs
 //! off long, and `STATUS=` says so until a new credential is accepted.
 
 mod credential;
+mod reprovision;
 mod signals;
 mod status;
 
@@ -231,16 +234,17 @@ pub async fn run_with(
 
     let mut session_result = None;
     let mut status = Status::default();
+    let mut reprovision = reprovision::Reprovision::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Ok(()) = connection.changed() => {
                 let state = *connection.borrow_and_update();
                 status.set(&notifier, describe.status(state, &view.borrow()));
-                // TODO(issue 16, re-provisioning; being built separately): with `device`
-                // or `dps` provisioning, once `ConnectionState::Refused { attempts, .. }`
-                // reaches a threshold, re-provision the module identity once and hand the
-                // new credential to the session with `live_credential.provisioned(..)`.
+                span.in_scope(|| reprovision.on_state(state, &settings, &tasks, &agent_stop));
+            }
+            Some(outcome) = reprovision.done.recv() => {
+                span.in_scope(|| reprovision::finished(outcome, &settings, &live_credential));
             }
             Ok(()) = view.changed() => {
                 let state = view.borrow_and_update().clone();

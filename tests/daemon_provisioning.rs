@@ -494,3 +494,54 @@ async fn first_boot_with_a_wrong_device_key_waits_and_provisions_once_the_key_is
         .expect("clean stop");
     sim.shutdown().await;
 }
+
+// Current-thread: the daemon's log events are captured on the test's thread.
+#[tokio::test]
+async fn a_module_deleted_in_the_hub_is_provisioned_again_after_repeated_refusals() {
+    let mut logs = Logs::capture();
+    let sim_dir = tempfile::tempdir().expect("tempdir");
+    let sim = Sim::start(SimConfig::ephemeral(sim_dir.path()))
+        .await
+        .expect("sim starts");
+    let work = tempfile::tempdir().expect("tempdir");
+    let (device_path, _) = device_file(work.path(), &sim, None);
+    let settings = device_settings(work.path(), &sim, &device_path);
+    let daemon = daemon_support::Daemon::start(settings).await;
+    let first = sim
+        .hub()
+        .get_module(DEVICE, MODULE)
+        .expect("module created")["generationId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Someone deletes the module; its connection goes with it.
+    sim.hub()
+        .delete_module(DEVICE, MODULE, Some("*"))
+        .expect("module deleted");
+    sim.hub().drop_all_connections();
+    // From here on: no connect of this module can succeed until it is provisioned again.
+    let mut events = sim.hub().events();
+    let again = logs.wait_for("reprovisioning").await;
+    assert!(
+        again.int("attempts") >= Some(3),
+        "only after repeated refusals: {again:?}"
+    );
+    logs.wait_for("reprovisioned").await;
+    wait_event(
+        &mut events,
+        "the connect with the new identity",
+        |e| matches!(e, SimEvent::Connected { module, .. } if module.module_id == MODULE),
+    )
+    .await;
+    let second = sim
+        .hub()
+        .get_module(DEVICE, MODULE)
+        .expect("module re-created")["generationId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(first, second, "a new module, with keys derived anew");
+    daemon.stop().await.expect("clean stop");
+    sim.shutdown().await;
+}
