@@ -16,7 +16,7 @@ pub mod hook;
 pub mod vitals;
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, watch};
@@ -350,7 +350,11 @@ impl Agent {
         let bytes = self
             .sync
             .state()
-            .to_file(&self.config.device_id, &self.config.module_id, unix_now())
+            .to_file(
+                &self.config.device_id,
+                &self.config.module_id,
+                crate::identity::clock::unix_now(),
+            )
             .to_json();
         let path = self.config.state_file.clone();
         let written =
@@ -400,7 +404,11 @@ impl Agent {
     fn state_json(&self) -> Vec<u8> {
         self.sync
             .state()
-            .to_file(&self.config.device_id, &self.config.module_id, unix_now())
+            .to_file(
+                &self.config.device_id,
+                &self.config.module_id,
+                crate::identity::clock::unix_now(),
+            )
             .to_json()
     }
 
@@ -510,11 +518,4 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

@@ -31,7 +31,7 @@ pub use signals::handle_signals;
 use status::{twin_words, Describe, Status};
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -574,10 +574,7 @@ async fn load_state(
 }
 
 fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = crate::identity::clock::unix_now();
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".corrupt-{secs}"));
     let aside = path.with_file_name(name);

@@ -1,7 +1,6 @@
 //! Shared helpers for integration tests against the emulator: start a [`Sim`], register
 //! a module, connect an MQTT client (rumqttc over TLS, trusting the sim's CA), and await
 //! [`SimEvent`]s with a timeout instead of sleeping.
-#![allow(dead_code)]
 
 pub mod scripted_https;
 

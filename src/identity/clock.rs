@@ -85,6 +85,14 @@ impl<C: Clock> Clock for SkewedClock<C> {
     }
 }
 
+/// The machine's clock in Unix seconds (0 before 1970), for timestamps that need no
+/// correction (file names, `updated_at`).
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Whether a measured offset is worth correcting (see [`SKEW_TOLERANCE`]).
 pub fn exceeds_tolerance(offset_secs: i64) -> bool {
     offset_secs.unsigned_abs() > SKEW_TOLERANCE.as_secs()
