@@ -17,10 +17,12 @@
 //!   on reload, so a fixed credential is used without a restart.
 //! - `reprovision`: with `device`/`dps`, the module identity provisioned once more after
 //!   repeated refusals (a deleted, re-created or re-keyed module).
+//! - `aziot`: with `[aziot]`, the module identity asked of aziot-identityd at start.
 //!
 //! A refused credential never stops the daemon: the session checks the clock, then backs
 //! off long, and `STATUS=` says so until a new credential is accepted.
 
+mod aziot;
 mod credential;
 mod reprovision;
 mod signals;
@@ -42,7 +44,8 @@ use crate::agent::{Agent, AgentConfig, AgentControl, AgentLinks};
 use crate::config::{ProvisioningMethod, Settings};
 use crate::hub::backoff::Backoff;
 use crate::hub::session::{ConnectionState, Session, SessionConfig};
-use crate::identity::ModuleCredentials;
+use crate::hub::signer::Signer;
+use crate::identity::{ModuleCredentials, ModuleIdentity};
 use crate::provision::{Plan, ProvisionError};
 use crate::systemd::{feed_watchdog, Heartbeat, Notifier};
 use crate::twin::{RuntimeState, StateFile};
@@ -68,6 +71,10 @@ pub enum AppError {
     /// (e.g. a policy without registry write rights) or an unwritable state dir.
     #[error("provisioning failed: {0}")]
     Provision(ProvisionError),
+    /// `[aziot]`: no module identity from the Azure IoT Identity Service at start (the
+    /// message names the socket, the group or the principal file to fix).
+    #[error("{0}")]
+    Aziot(crate::aziot::AziotError),
     /// A bug: a task panicked or an invariant broke.
     #[error("internal error: {0}")]
     Internal(String),
@@ -105,14 +112,18 @@ pub async fn run_with(
     }
     // First boot when the module credential is still to be provisioned; the plan (its
     // secret read once, here) names the identity to be.
-    let start = match module_credentials(&settings)? {
-        Some(c) => Start::Known(c),
-        None => Start::FirstBoot(Box::new(
-            Plan::from_settings(&settings, None).map_err(AppError::Provision)?,
-        )),
+    let start = match &settings.aziot {
+        Some(client) => Start::Aziot(aziot::first_identity(&settings, client).await?),
+        None => match module_credentials(&settings)? {
+            Some(c) => Start::Known(c),
+            None => Start::FirstBoot(Box::new(
+                Plan::from_settings(&settings, None).map_err(AppError::Provision)?,
+            )),
+        },
     };
     let (device_id, module_id) = match &start {
         Start::Known(c) => (c.device_id.clone(), c.module_id.clone()),
+        Start::Aziot(a) => (a.device_id.clone(), a.module_id.clone()),
         Start::FirstBoot(p) => (p.device_id.clone(), p.module_id.clone()),
     };
     let span = tracing::info_span!(
@@ -128,8 +139,14 @@ pub async fn run_with(
     // provision with STATUS saying so.
     let first_boot = matches!(start, Start::FirstBoot(_));
     let mut deferred_reload = None;
-    let credentials = match start {
-        Start::Known(c) => c,
+    let (identity, signer) = match start {
+        Start::Known(c) => (c.identity(), Signer::Key(c.key)),
+        Start::Aziot(identity) => {
+            let client = settings.aziot.clone().ok_or_else(|| {
+                AppError::Internal("the aziot identity came without [aziot]".into())
+            })?;
+            (identity, Signer::Aziot(client))
+        }
         Start::FirstBoot(plan) => {
             let status = format!(
                 "provisioning {device_id}/{module_id}, {} in force",
@@ -147,7 +164,7 @@ pub async fn run_with(
                 .await?;
             deferred_reload = waiting.deferred;
             match provisioned {
-                Some(c) => c,
+                Some(c) => (c.identity(), Signer::Key(c.key)),
                 None => {
                     notifier.stopping();
                     return Ok(());
@@ -156,14 +173,14 @@ pub async fn run_with(
         }
     };
     let mut live_credential = credential::LiveCredential::new(settings.hub.credentials.clone());
-    let session_config = session_config(&settings, credentials.clone(), &live_credential);
+    let session_config = session_config(&settings, identity.clone(), signer, &live_credential);
     let agent_heart = Heartbeat::new();
     let session_heart = Heartbeat::new();
     agent_heart.beat();
     session_heart.beat();
     let agent_config = AgentConfig {
-        device_id: credentials.device_id.clone(),
-        module_id: credentials.module_id.clone(),
+        device_id: identity.device_id.clone(),
+        module_id: identity.module_id.clone(),
         state_file: settings.state.state_file(),
         ack: settings.twin.ack,
         schema: settings.twin.schema.clone(),
@@ -172,9 +189,9 @@ pub async fn run_with(
     };
     let (agent, mut view) = Agent::new(agent_config, state, agent_heart.clone());
     let describe = Describe {
-        hub: credentials.host_name.clone(),
-        device: credentials.device_id.clone(),
-        module: credentials.module_id.clone(),
+        hub: identity.host_name.clone(),
+        device: identity.device_id.clone(),
+        module: identity.module_id.clone(),
     };
     span.in_scope(|| {
         tracing::info!(
@@ -305,7 +322,10 @@ fn reload(
     control: &mpsc::Sender<AgentControl>,
     credential: &credential::LiveCredential,
 ) {
-    credential.reloaded(new);
+    // With aziot there is no credential to read: identityd is asked at each connect.
+    if new.aziot.is_none() {
+        credential.reloaded(new);
+    }
     let other_hub_settings = crate::config::HubSettings {
         credentials: old.hub.credentials.clone(),
         ..new.hub.clone()
@@ -313,6 +333,7 @@ fn reload(
     let restart: Vec<&str> = [
         ("hub", old.hub != other_hub_settings),
         ("provisioning", old.provisioning != new.provisioning),
+        ("aziot", old.aziot != new.aziot),
         ("state", old.state != new.state),
     ]
     .into_iter()
@@ -336,9 +357,11 @@ fn reload(
     }
 }
 
-/// How the daemon starts: with its module credential, or provisioning it first.
+/// How the daemon starts: with its module credential, the identity aziot-identityd
+/// gave, or provisioning it first.
 enum Start {
     Known(ModuleCredentials),
+    Aziot(ModuleIdentity),
     FirstBoot(Box<Plan>),
 }
 
@@ -512,12 +535,16 @@ async fn watchdog_fed<F: std::future::Future>(notifier: &Notifier, work: F) -> F
 /// gateway host, CA bundle included), so it cannot fail.
 fn session_config(
     settings: &Settings,
-    credentials: ModuleCredentials,
+    identity: ModuleIdentity,
+    signer: Signer,
     live: &credential::LiveCredential,
 ) -> SessionConfig {
     let hub = &settings.hub;
+    // A credential read again from its source only means something for a module key.
+    let reread = matches!(signer, Signer::Key(_)).then(|| live.reader());
     SessionConfig {
-        credentials,
+        identity,
+        signer,
         transport: hub.transport,
         gateway_host: hub.gateway_host.clone(),
         tls: crate::hub::tls::client_config(hub.ca_file.as_ref()),
@@ -527,7 +554,7 @@ fn session_config(
         refused_backoff: hub.refused_backoff,
         twin_timeout: TWIN_TIMEOUT,
         proxy: hub.proxy.clone(),
-        reread: Some(live.reader()),
+        reread,
     }
 }
 

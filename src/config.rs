@@ -22,7 +22,7 @@
 //! [`Settings::module_identity`], by `run`) rather than by `load`, and the state
 //! directory is created and written only by `run`, as the daemon's user (systemd's
 //! `StateDirectory=` creates it at start; `check-config` typically runs as another user).
-//! - `validate`: raw → typed, cross-field checks.
+//! - `validate`: raw → typed, cross-field checks (`[aziot]` in `validate/aziot.rs`).
 //! - `redact`: the effective config as TOML with secrets replaced.
 //!
 //! Besides problems, loading can yield [`Settings::warnings`]: things that work but
@@ -55,6 +55,7 @@ pub use raw::DPS_GLOBAL_ENDPOINT;
 /// A warning has the shape of a problem (key, origin, message) but does not stop `load`.
 pub type ConfigWarning = ConfigError;
 
+use crate::aziot::AziotClient;
 use crate::hub::backoff::BackoffPolicy;
 use crate::hub::options::{HostPort, HttpProxy, HubTransport};
 use crate::hub::tls::CaBundle;
@@ -72,6 +73,9 @@ pub struct Settings {
     pub files: Vec<PathBuf>,
     pub hub: HubSettings,
     pub provisioning: ProvisioningSettings,
+    /// `[aziot] enabled`: the module identity comes from the Azure IoT Identity Service
+    /// through these sockets (and `hub.credentials` is then unused).
+    pub aziot: Option<AziotClient>,
     pub twin: TwinSettings,
     pub telemetry: TelemetrySettings,
     pub state: StateSettings,
@@ -303,6 +307,9 @@ impl Settings {
     /// commands that load the config must work while a credential file is still missing
     /// or unreadable to them (`edgetwin provision` is what writes the module credential).
     pub fn check_credentials(&self) -> Result<(), ConfigErrors> {
+        if let Some(aziot) = &self.aziot {
+            return aziot_sockets(aziot);
+        }
         if self.module_identity()?.is_some() {
             return Ok(());
         }
@@ -321,6 +328,32 @@ impl Settings {
     pub fn redacted_toml(&self) -> String {
         redact::toml(self)
     }
+}
+
+/// With `[aziot]`, what stands for the credential: both sockets exist (they are not
+/// opened: `check-config` runs as another user, often outside the unit's groups). The
+/// problem is the one `run` would meet connecting.
+fn aziot_sockets(aziot: &AziotClient) -> Result<(), ConfigErrors> {
+    use crate::aziot::{AziotError, Service};
+    let mut errors = ConfigErrors::new();
+    for (key, service, socket) in [
+        (
+            "aziot.identityd_socket",
+            Service::Identityd,
+            aziot.identityd_socket(),
+        ),
+        ("aziot.keyd_socket", Service::Keyd, aziot.keyd_socket()),
+    ] {
+        if matches!(socket.try_exists(), Ok(false)) {
+            let socket = socket.to_path_buf();
+            errors.push(
+                key,
+                None,
+                AziotError::SocketMissing { service, socket }.to_string(),
+            );
+        }
+    }
+    errors.into_result(())
 }
 
 /// The problem of a provisioning secret that is not configured.

@@ -8,6 +8,8 @@
 //! - SAS token signing ([`sign`], [`token`]) with the Python device SDK's `sr` encoding,
 //!   and SAS token parsing and verification ([`SasToken`]) as the emulator needs it
 //!   (PROTOCOL.md §2.2–2.4);
+//! - [`ModuleIdentity`]: a module's names without its key (a key in aziot-keyd signs for
+//!   it on IoT Edge hosts);
 //! - [`clock`]: the wall clock token expiries are computed from, shifted by the skew
 //!   measured against the hub's `Date` when the machine's clock is wrong.
 //!
@@ -530,8 +532,12 @@ impl ServiceCredentials {
 }
 
 pub mod clock;
+mod module;
 mod sas;
-pub use sas::{encode_resource_uri, sign, token, SasError, SasToken};
+pub use module::ModuleIdentity;
+pub use sas::{
+    encode_resource_uri, sign, string_to_sign, token, token_with_signature, SasError, SasToken,
+};
 
 #[cfg(test)]
 mod tests;

@@ -4,6 +4,8 @@
 //!
 //! # Layout
 //! - [`identity`]: connection strings and SAS tokens (signing, parsing, verification).
+//! - [`aziot`]: the module identity and SAS signatures from the Azure IoT Identity
+//!   Service (identityd, keyd) on IoT Edge hosts, over their Unix sockets.
 //! - [`twin`]: the pure twin-synchronisation core (no I/O, no clock): apply desired
 //!   state, version rules, acknowledgements.
 //! - [`config`]: figment layers → validated `Settings`, every problem reported at once.
@@ -23,6 +25,7 @@
 
 pub mod agent;
 pub mod app;
+pub mod aziot;
 pub mod cli;
 pub mod config;
 pub mod hub;

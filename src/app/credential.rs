@@ -18,7 +18,7 @@ use crate::identity::ModuleCredentials;
 /// The credential's source as of the last reload, and the session's end for new ones.
 pub(super) struct LiveCredential {
     source: Arc<Mutex<CredentialSource>>,
-    to_session: Option<watch::Sender<ModuleCredentials>>,
+    to_session: Option<watch::Sender<Option<ModuleCredentials>>>,
 }
 
 impl LiveCredential {
@@ -36,7 +36,7 @@ impl LiveCredential {
     }
 
     /// Where reloads send a credential that differs from the last one.
-    pub(super) fn connect(&mut self, to_session: watch::Sender<ModuleCredentials>) {
+    pub(super) fn connect(&mut self, to_session: watch::Sender<Option<ModuleCredentials>>) {
         self.to_session = Some(to_session);
     }
 
@@ -62,9 +62,9 @@ impl LiveCredential {
     pub(super) fn provisioned(&self, new: ModuleCredentials) {
         if let Some(to_session) = &self.to_session {
             to_session.send_if_modified(|current| {
-                let changed = *current != new;
+                let changed = current.as_ref() != Some(&new);
                 if changed {
-                    *current = new;
+                    *current = Some(new);
                 }
                 changed
             });

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::app::AppError;
+use crate::aziot::AziotError;
 use crate::provision::dps::DpsError;
 use crate::provision::ProvisionError;
 use crate::registry::{ClientSetupError, RegistryError};
@@ -124,7 +125,21 @@ pub fn exit_code(e: &AppError) -> u8 {
     match e {
         AppError::Config(_) | AppError::StateDir { .. } => exit::CONFIG,
         AppError::Provision(e) => provision_exit_code(e),
+        AppError::Aziot(e) => aziot_exit_code(e),
         AppError::Internal(_) => exit::SOFTWARE,
+    }
+}
+
+/// The sysexits code for an Identity Service failure at start (see `app::aziot`): the
+/// host's setup (no IoT Edge, a device or X.509 identity) is configuration, 78; a group
+/// to join or a principal to declare is permission, 77; the rest may pass, 69.
+pub fn aziot_exit_code(e: &AziotError) -> u8 {
+    match e {
+        AziotError::SocketMissing { .. } | AziotError::Unsupported(_) => exit::CONFIG,
+        AziotError::PermissionDenied { .. } | AziotError::NotPrincipal { .. } => exit::NOPERM,
+        AziotError::Unavailable { .. }
+        | AziotError::Refused { .. }
+        | AziotError::Malformed { .. } => exit::UNAVAILABLE,
     }
 }
 

@@ -66,6 +66,7 @@ fn event(e: &AppError) -> &'static str {
         AppError::Config(_) => "config_invalid",
         AppError::StateDir { .. } => "state_dir_failed",
         AppError::Provision(_) => "provision_failed",
+        AppError::Aziot(_) => "aziot_failed",
         AppError::Internal(_) => "internal_error",
     }
 }

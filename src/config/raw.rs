@@ -26,6 +26,7 @@ use crate::twin::{AckStyle, PropertyType, UnknownPolicy};
 pub struct RawConfig {
     pub hub: RawHub,
     pub provisioning: RawProvisioning,
+    pub aziot: RawAziot,
     pub twin: RawTwin,
     pub telemetry: RawTelemetry,
     pub state: RawState,
@@ -144,6 +145,24 @@ impl Default for RawDps {
 
 /// Azure's global DPS endpoint (DESIGN §4).
 pub const DPS_GLOBAL_ENDPOINT: &str = "global.azure-devices-provisioning.net";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAziot {
+    pub enabled: bool,
+    pub identityd_socket: String,
+    pub keyd_socket: String,
+}
+
+impl Default for RawAziot {
+    fn default() -> Self {
+        RawAziot {
+            enabled: false,
+            identityd_socket: crate::aziot::IDENTITYD_SOCKET.into(),
+            keyd_socket: crate::aziot::KEYD_SOCKET.into(),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -93,6 +93,17 @@ pub(super) fn toml(s: &Settings) -> String {
         None => line("# enrollment key: not configured".into()),
     }
 
+    line("\n[aziot]".into());
+    line(format!("enabled = {}", s.aziot.is_some()));
+    if let Some(aziot) = &s.aziot {
+        for (key, socket) in [
+            ("identityd_socket", aziot.identityd_socket()),
+            ("keyd_socket", aziot.keyd_socket()),
+        ] {
+            line(format!("{key} = {}", quote(&socket.display().to_string())));
+        }
+    }
+
     line("\n[twin]".into());
     line(format!("ack = {}", name(&s.twin.ack)));
     line(format!("unknown = {}", name(&s.twin.schema.unknown())));

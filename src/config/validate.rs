@@ -26,6 +26,7 @@ use crate::hub::tls::CaBundle;
 use crate::identity::{ConnectionStringError, ModuleCredentials};
 use crate::twin::{PropertySpec, Schema};
 
+mod aziot;
 mod provisioning;
 
 use provisioning::{method, provisioning};
@@ -75,8 +76,9 @@ pub(super) fn settings(raw: RawConfig, layers: &Layers, errors: &mut ConfigError
         &mut check,
         &raw,
         &state_dir,
-        method != ProvisioningMethod::None,
+        method != ProvisioningMethod::None || raw.aziot.enabled,
     );
+    let aziot = aziot::aziot(&mut check, &raw.aziot, &hub.credentials, method);
     // The provisioning secret is used only while the module credential is still to be
     // provisioned; after that it may well be gone (README: remove it after first boot).
     let due = matches!(&hub.credentials, CredentialSource::Provisioned(p) if !p.exists());
@@ -87,6 +89,7 @@ pub(super) fn settings(raw: RawConfig, layers: &Layers, errors: &mut ConfigError
         files: layers.files.clone(),
         hub,
         provisioning,
+        aziot,
         twin,
         telemetry: TelemetrySettings {
             enabled: raw.telemetry.enabled,
@@ -128,7 +131,9 @@ fn state_dir(check: &mut Check, dir: &str) -> PathBuf {
     path
 }
 
-fn hub(check: &mut Check, raw: &RawConfig, state_dir: &Path, provisioning: bool) -> HubSettings {
+/// `elsewhere`: the module credential may come from somewhere else than `[hub]` (first-boot
+/// provisioning, or aziot-identityd).
+fn hub(check: &mut Check, raw: &RawConfig, state_dir: &Path, elsewhere: bool) -> HubSettings {
     let h = &raw.hub;
     let origin = |key: &str| check.layers.origin(key);
     let before = check.errors.len();
@@ -141,7 +146,7 @@ fn hub(check: &mut Check, raw: &RawConfig, state_dir: &Path, provisioning: bool)
     );
     let provisioned = state_dir.join(credentials::PROVISIONED_MODULE_CREDENTIAL);
     let ambiguous = check.errors.len() > before;
-    if chosen.is_none() && !ambiguous && !provisioned.exists() && !provisioning {
+    if chosen.is_none() && !ambiguous && !provisioned.exists() && !elsewhere {
         check.fail(
             "hub.connection_string_file",
             format!(

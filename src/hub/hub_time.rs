@@ -128,10 +128,13 @@ mod tests {
     use crate::hub::backoff::BackoffPolicy;
 
     fn config(transport: HubTransport, gateway: Option<HostPort>) -> SessionConfig {
-        SessionConfig {
-            credentials: "HostName=h.example;DeviceId=d;ModuleId=m;SharedAccessKey=AAAA"
+        let creds: crate::identity::ModuleCredentials =
+            "HostName=h.example;DeviceId=d;ModuleId=m;SharedAccessKey=AAAA"
                 .parse()
-                .unwrap(),
+                .unwrap();
+        SessionConfig {
+            identity: creds.identity(),
+            signer: crate::hub::signer::Signer::Key(creds.key),
             transport,
             gateway_host: gateway,
             tls: crate::hub::tls::client_config(None),

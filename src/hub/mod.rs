@@ -8,6 +8,7 @@
 //!   to carry out.
 //! - [`hub_time`]: the hub's time from the `Date` of one HTTPS answer, after a refusal.
 //! - [`options`]: CONNECT identity, target, TLS/WebSocket transport and proxy.
+//! - [`signer`]: who signs the SAS tokens (the module key, or aziot-keyd).
 //! - [`topics`]: `$iothub` topics formatted and parsed.
 //! - [`twin_requests`]: `$rid` correlation, timeouts and retries of twin requests.
 //! - [`backoff`]: exponential backoff with full jitter.
@@ -18,6 +19,7 @@ pub mod connection;
 pub mod hub_time;
 pub mod options;
 pub mod session;
+pub mod signer;
 pub mod tls;
 pub mod topics;
 pub mod twin_requests;

@@ -7,7 +7,8 @@
 //! parser, so what `check-config` accepts is exactly what the session is built from.
 //!
 //! Used by [`super::session`] when it (re)connects. Pure construction of rumqttc options:
-//! no I/O. The SAS token it signs goes into the options only, never into a log.
+//! no I/O. The SAS token ([`super::signer`] signs it) goes into the options only, never
+//! into a log.
 
 use std::fmt;
 use std::net::Ipv6Addr;
@@ -19,8 +20,8 @@ use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 use serde::{Deserialize, Serialize};
 
 use super::backoff::BackoffPolicy;
-use crate::identity::clock::SkewedClock;
-use crate::identity::ModuleCredentials;
+use super::signer::Signer;
+use crate::identity::{ModuleCredentials, ModuleIdentity};
 
 pub const API_VERSION: &str = "2021-04-12";
 /// Port of an HTTP proxy URL that names none: 8080, the usual HTTP proxy port.
@@ -121,7 +122,10 @@ impl fmt::Display for HostPort {
 /// Everything the session needs, built by the app from `Settings`.
 #[derive(Clone)]
 pub struct SessionConfig {
-    pub credentials: ModuleCredentials,
+    /// The module the session connects as (its names; no key).
+    pub identity: ModuleIdentity,
+    /// Who signs its tokens: its module key, or aziot-keyd.
+    pub signer: Signer,
     pub transport: HubTransport,
     /// TCP/TLS target when it is not the connection string's host.
     pub gateway_host: Option<HostPort>,
@@ -223,7 +227,7 @@ impl HttpProxy {
 }
 
 /// `{HostName}/{d}/{m}/?api-version=..&DeviceClientType=edgetwin%2F{version}` (PROTOCOL §3.3).
-pub fn user_name(creds: &ModuleCredentials) -> String {
+pub fn user_name(creds: &ModuleIdentity) -> String {
     format!(
         "{}/{}/{}/?api-version={API_VERSION}&DeviceClientType=edgetwin%2F{}",
         creds.host_name,
@@ -233,25 +237,13 @@ pub fn user_name(creds: &ModuleCredentials) -> String {
     )
 }
 
-/// The MQTT user name and password: a token for `sas_ttl`, its expiry computed now, at
-/// signing, on `clock` (the machine's clock shifted by the skew measured against the
-/// hub), so a clock stepped since the last token never shortens the next one.
-pub(super) fn credentials(
-    creds: &ModuleCredentials,
-    sas_ttl: Duration,
-    clock: &SkewedClock,
-) -> (String, String) {
-    let expiry = clock.expiry(sas_ttl);
-    (user_name(creds), creds.sas_token(expiry))
-}
-
 /// Where the connection goes: `gateway_host` from config, else the connection string's
 /// `GatewayHostName` or `HostName` on the transport's port.
 pub fn target(config: &SessionConfig) -> HostPort {
     if let Some(gateway) = &config.gateway_host {
         return gateway.clone();
     }
-    let host = config.credentials.connect_host();
+    let host = config.identity.connect_host();
     let port = config.transport.default_port();
     // Hub and gateway names carry no port; one that does not parse is still tried as
     // written, and the resolver names the problem.
@@ -262,7 +254,7 @@ pub fn target(config: &SessionConfig) -> HostPort {
 }
 
 pub(super) fn mqtt_options(config: &SessionConfig) -> MqttOptions {
-    let creds = &config.credentials;
+    let creds = &config.identity;
     let client_id = format!("{}/{}", creds.device_id, creds.module_id);
     let target = target(config);
     let tls = TlsConfiguration::Rustls(config.tls.clone());
@@ -422,8 +414,10 @@ mod tests {
 
     #[test]
     fn target_is_the_gateway_host_else_the_hub_on_the_transport_port() {
+        let creds: ModuleCredentials = MODULE.parse().unwrap();
         let mut config = SessionConfig {
-            credentials: MODULE.parse().unwrap(),
+            identity: creds.identity(),
+            signer: Signer::Key(creds.key),
             transport: HubTransport::MqttWs,
             gateway_host: None,
             tls: crate::hub::tls::client_config(None),
@@ -447,34 +441,10 @@ mod tests {
     }
 
     #[test]
-    fn the_token_expiry_is_computed_at_signing_on_the_skewed_clock() {
-        let creds: ModuleCredentials = MODULE.parse().unwrap();
-        let ttl = Duration::from_secs(3600);
-        let expiry = |skew_secs| {
-            let (_, password) = credentials(&creds, ttl, &SkewedClock::system(skew_secs));
-            crate::identity::SasToken::parse(&password)
-                .expect("a token")
-                .expiry
-        };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let plain = expiry(0);
-        assert!((now + 3600..=now + 3602).contains(&plain), "{plain}");
-        let two_days = 2 * 86_400;
-        let ahead = expiry(two_days);
-        assert!(
-            (plain + two_days as u64..=plain + two_days as u64 + 2).contains(&ahead),
-            "{ahead}"
-        );
-    }
-
-    #[test]
     fn user_name_follows_protocol_3_3() {
         let creds: ModuleCredentials = MODULE.parse().unwrap();
         assert_eq!(
-            user_name(&creds),
+            user_name(&creds.identity()),
             format!(
                 "h.example/d1/m1/?api-version=2021-04-12&DeviceClientType=edgetwin%2F{}",
                 env!("CARGO_PKG_VERSION")

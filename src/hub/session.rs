@@ -16,7 +16,8 @@
 //! HTTPS request that reads the hub's time runs as a task of the session's own tracker and
 //! reports back on a channel. The poll future is never cancelled mid-flight.
 //!
-//! - `refusal`: reading the hub's time after a refusal; taking a new module credential.
+//! - `refusal`: reading the hub's time after a refusal; taking a new module credential;
+//!   a token that could not be signed (aziot).
 //! - `traffic`: commands, `$iothub` publishes and twin answers to and from the agent.
 
 use std::ops::ControlFlow;
@@ -37,12 +38,13 @@ use refusal::Clock;
 pub use super::connection::ConnectionState;
 use super::connection::{Action, Connection, Failure};
 use super::hub_time::TimeSource;
-use super::options::{credentials, mqtt_options, ReadCredential};
+use super::options::{mqtt_options, user_name, ReadCredential};
 pub use super::options::{HttpProxy, HubTransport, SessionConfig};
+use super::signer::{SignError, Signer};
 use super::topics;
 use super::twin_requests::{TwinFailure, TwinRequests};
 use crate::identity::clock::SkewedClock;
-use crate::identity::ModuleCredentials;
+use crate::identity::{ModuleCredentials, ModuleIdentity};
 use crate::systemd::{Heartbeat, BEAT_EVERY};
 
 const EVENT_CAPACITY: usize = 256;
@@ -97,7 +99,8 @@ pub struct SessionLink {
     pub state: watch::Receiver<ConnectionState>,
     /// The app's end: a new module credential (read on reload). Waiting out a refusal,
     /// the session tries it at once; otherwise it signs with it from the next connect.
-    pub credentials: watch::Sender<ModuleCredentials>,
+    /// `None` until one is sent (and always with aziot, which has none).
+    pub credentials: watch::Sender<Option<ModuleCredentials>>,
 }
 
 /// The session task; [`Session::run`] until shutdown.
@@ -106,7 +109,7 @@ pub struct Session {
     events: mpsc::Sender<HubEvent>,
     commands: mpsc::Receiver<HubCommand>,
     state: watch::Sender<ConnectionState>,
-    credentials: watch::Receiver<ModuleCredentials>,
+    credentials: watch::Receiver<Option<ModuleCredentials>>,
     heartbeat: Heartbeat,
 }
 
@@ -115,7 +118,7 @@ impl Session {
         let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_CAPACITY);
         let (state_tx, state_rx) = watch::channel(ConnectionState::Disconnected);
-        let (credentials_tx, credentials_rx) = watch::channel(config.credentials.clone());
+        let (credentials_tx, credentials_rx) = watch::channel(None);
         let session = Session {
             config,
             events: events_tx,
@@ -174,10 +177,12 @@ impl Session {
             credentials_due: false,
             resync_pending: false,
             telemetry_topic: topics::telemetry(
-                &config.credentials.device_id,
-                &config.credentials.module_id,
+                &config.identity.device_id,
+                &config.identity.module_id,
             ),
-            identity: config.credentials.clone(),
+            identity: config.identity.clone(),
+            signer: config.signer.clone(),
+            generation: None,
             reread: config.reread.clone(),
             clock: Clock::new(
                 time_source,
@@ -197,9 +202,35 @@ impl Session {
                 if core.connection.refused_since_success() {
                     core.reread();
                 }
-                let signer = SkewedClock::system(core.connection.skew_secs());
-                let (user, password) = credentials(&core.identity, config.sas_ttl, &signer);
-                eventloop.mqtt_options.set_credentials(user, password);
+                // Signed now, on the hub's time as far as it is known, so a clock stepped
+                // since the last token never shortens the next one. With aziot this asks
+                // identityd and keyd (bounded by their timeout): the connection is down
+                // meanwhile anyway, and only shutdown must not wait for it.
+                let expiry =
+                    SkewedClock::system(core.connection.skew_secs()).expiry(config.sas_ttl);
+                let signed = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => None,
+                    signed = core.signer.password(&core.identity, expiry) => Some(signed),
+                };
+                let flow = match signed {
+                    None => {
+                        let actions = core.connection.shutdown(Instant::now());
+                        core.step(actions, None)
+                    }
+                    Some(Ok(signed)) => {
+                        core.generation(signed.generation);
+                        let user = user_name(&core.identity);
+                        eventloop
+                            .mqtt_options
+                            .set_credentials(user, signed.password);
+                        ControlFlow::Continue(())
+                    }
+                    Some(Err(e)) => core.unsigned(&e),
+                };
+                if flow.is_break() {
+                    return;
+                }
             }
             if !core.connection.polls() {
                 // Backing off or reading the hub's time: no attempt until the deadline,
@@ -212,8 +243,10 @@ impl Session {
                     }
                     Some(reading) = readings.recv() => core.clock_reading(reading),
                     Ok(()) = new_credentials.changed() => {
-                        let new = new_credentials.borrow_and_update().clone();
-                        core.adopt(new, "reload")
+                        match new_credentials.borrow_and_update().clone() {
+                            Some(new) => core.adopt(new, "reload"),
+                            None => ControlFlow::Continue(()),
+                        }
                     }
                     _ = sleep_until(core.connection.next_wakeup()) => {
                         let actions = core.connection.timer(Instant::now());
@@ -250,8 +283,10 @@ impl Session {
                         }
                         event = &mut poll => break event,
                         Ok(()) = new_credentials.changed() => {
-                            let new = new_credentials.borrow_and_update().clone();
-                            core.adopt(new, "reload")
+                            match new_credentials.borrow_and_update().clone() {
+                                Some(new) => core.adopt(new, "reload"),
+                                None => ControlFlow::Continue(()),
+                            }
                         }
                         Some(command) = commands.recv() => {
                             core.command(command);
@@ -320,8 +355,12 @@ struct Core {
     credentials_due: bool,
     resync_pending: bool,
     telemetry_topic: String,
-    /// The module credential tokens are signed with.
-    identity: ModuleCredentials,
+    /// The module the session is for.
+    identity: ModuleIdentity,
+    /// Who signs its tokens.
+    signer: Signer,
+    /// The module's generation as the signer last saw it (aziot only).
+    generation: Option<String>,
     reread: Option<ReadCredential>,
     clock: Clock,
 }

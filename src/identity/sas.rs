@@ -19,30 +19,40 @@ pub fn encode_resource_uri(uri: &str) -> String {
     utf8_percent_encode(uri, QUOTE_SAFE_NOTHING).to_string()
 }
 
-/// The base64 HMAC-SHA256 signature over `sr_as_transmitted + "\n" + expiry`
-/// (PROTOCOL.md §2.2). `sr_as_transmitted` is the already-encoded `sr` text.
+/// The bytes a SAS signature covers: `sr_as_transmitted + "\n" + expiry` (PROTOCOL.md
+/// §2.2). What aziot-keyd is asked to sign, too (PROTOCOL §13.4).
+pub fn string_to_sign(sr_as_transmitted: &str, expiry: u64) -> String {
+    format!("{sr_as_transmitted}\n{expiry}")
+}
+
+/// The base64 HMAC-SHA256 signature over [`string_to_sign`]. `sr_as_transmitted` is the
+/// already-encoded `sr` text.
 pub fn sign(key: &SharedKey, sr_as_transmitted: &str, expiry: u64) -> String {
     let mut mac = key.mac();
-    mac.update(sr_as_transmitted.as_bytes());
-    mac.update(b"\n");
-    mac.update(expiry.to_string().as_bytes());
+    mac.update(string_to_sign(sr_as_transmitted, expiry).as_bytes());
     BASE64.encode(mac.finalize().into_bytes())
 }
 
 /// Builds `SharedAccessSignature sr=<encoded uri>&sig=<encoded sig>&se=<expiry>[&skn=<policy>]`
 /// with the Python device SDK's field order and encoding.
 pub fn token(key: &SharedKey, resource_uri: &str, expiry: u64, policy: Option<&str>) -> String {
-    let sr = encode_resource_uri(resource_uri);
-    let sig = sign(key, &sr, expiry);
-    let mut t = format!(
-        "{SAS_PREFIX}sr={sr}&sig={}&se={expiry}",
-        utf8_percent_encode(&sig, QUOTE_SAFE_NOTHING)
-    );
+    let sig = sign(key, &encode_resource_uri(resource_uri), expiry);
+    let mut t = token_with_signature(resource_uri, expiry, &sig);
     if let Some(policy) = policy {
         t.push_str("&skn=");
         t.push_str(&utf8_percent_encode(policy, QUOTE_SAFE_NOTHING).to_string());
     }
     t
+}
+
+/// A token for `resource_uri` from a signature made elsewhere (aziot-keyd) over
+/// [`string_to_sign`] of the encoded URI and `expiry`; same layout as [`token`], no `skn`.
+pub fn token_with_signature(resource_uri: &str, expiry: u64, signature: &str) -> String {
+    format!(
+        "{SAS_PREFIX}sr={}&sig={}&se={expiry}",
+        encode_resource_uri(resource_uri),
+        utf8_percent_encode(signature, QUOTE_SAFE_NOTHING)
+    )
 }
 
 /// Why a SAS token was refused. Messages never contain the signature.

@@ -1,7 +1,8 @@
 //! What the session does about refused credentials, for the connection machine: reads
 //! the hub's time off the event-loop task (one HTTPS request per reading, its result sent
-//! back on a channel, a late one told apart by its sequence number), and takes a new module
-//! credential, from a reload or read again from its source before a connect.
+//! back on a channel, a late one told apart by its sequence number), takes a new module
+//! credential, from a reload or read again from its source before a connect, and turns a
+//! token aziot could not sign into a failed attempt.
 
 use std::ops::ControlFlow;
 
@@ -10,7 +11,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Core;
+use super::{Core, SignError, Signer};
+use crate::hub::connection::Failure;
 use crate::hub::hub_time::{HubTimeError, TimeSource};
 use crate::identity::clock::{exceeds_tolerance, SkewedClock};
 use crate::identity::ModuleCredentials;
@@ -116,13 +118,14 @@ impl Core {
     /// (or other secret) for the same identity is taken live: another hub, device, module
     /// or gateway needs a restart, as the state and the MQTT client id belong to one.
     pub(super) fn adopt(&mut self, new: ModuleCredentials, from: &'static str) -> ControlFlow<()> {
-        if new == self.identity {
+        let Signer::Key(key) = &self.signer else {
+            // aziot-identityd alone says who this module is; it is asked at each connect.
+            return ControlFlow::Continue(());
+        };
+        let same_identity = new.identity() == self.identity;
+        if same_identity && new.key == *key {
             return ControlFlow::Continue(());
         }
-        let same_identity = new.host_name == self.identity.host_name
-            && new.device_id == self.identity.device_id
-            && new.module_id == self.identity.module_id
-            && new.gateway_host_name == self.identity.gateway_host_name;
         if !same_identity {
             tracing::warn!(
                 edgetwin_event = "credential_ignored",
@@ -137,9 +140,38 @@ impl Core {
             from,
             "new module credential; signing with it from the next connect"
         );
-        self.identity = new;
+        self.signer = Signer::Key(new.key);
         let actions = self.connection.credentials_changed();
         self.step(actions, None)
+    }
+
+    /// No token could be signed (aziot-identityd or aziot-keyd failed or said no): a
+    /// failed connect attempt, retried with the reconnect backoff. It is never a reason
+    /// to exit: a principal file written, a group joined or a service restarted is picked
+    /// up at a later attempt, as a fixed credential is. Logged once per attempt.
+    pub(super) fn unsigned(&mut self, error: &SignError) -> ControlFlow<()> {
+        tracing::error!(
+            edgetwin_event = "aziot_failed",
+            error = %error,
+            "cannot sign a SAS token with the Azure IoT Identity Service; retrying later"
+        );
+        let actions = self.connection.failed(Failure::Other, Instant::now());
+        self.step(actions, None)
+    }
+
+    /// The module's generation as the signer saw it: a new one means the module was
+    /// deleted and re-created in the hub (and has a new key).
+    pub(super) fn generation(&mut self, seen: Option<String>) {
+        if seen.is_some() && seen != self.generation {
+            if self.generation.is_some() {
+                tracing::warn!(
+                    edgetwin_event = "module_regenerated",
+                    generation = seen.as_deref(),
+                    "the module identity was re-created in the hub; connecting with its new key"
+                );
+            }
+            self.generation = seen;
+        }
     }
 
     /// Before a connect after a refusal: the credential read again from its source (a
