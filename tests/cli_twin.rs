@@ -681,6 +681,7 @@ async fn provision_against_an_unreachable_hub_exits_69_then_succeeds_once_it_is_
         https_addr: https,
         hub_name: "localhost".into(),
         state_dir: sim_dir.path().to_owned(),
+        aziot: None,
     })
     .await
     .expect("sim starts on the same ports");

@@ -17,6 +17,8 @@
 //!   its writes.
 //! - [`dps`]: the Device Provisioning Service: enrollments, registrations, the DPS REST
 //!   API; its MQTT side is in [`mqtt`].
+//! - [`aziot`]: aziot-identityd and aziot-keyd of an IoT Edge host, on Unix sockets, for
+//!   one module of the registry.
 //! - [`tls`]: the emulator's CA and server certificate.
 //! - [`mqtt`]: MQTT 3.1.1 server (TLS and WebSocket transports) for module clients.
 //! - [`rest`]: HTTPS service REST API; it mounts [`websocket`], the MQTT-over-WebSocket
@@ -28,6 +30,7 @@
 //!
 //! The emulator never talks to anything but its own listeners and its state directory.
 
+pub mod aziot;
 pub mod demo;
 pub mod device_auth;
 pub mod device_side;

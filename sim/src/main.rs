@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use edgetwin_sim::aziot::AziotConfig;
 use edgetwin_sim::{Sim, SimConfig};
 
 #[derive(Debug, Parser)]
@@ -43,6 +44,23 @@ struct ServeArgs {
     /// State directory (registry, twins, certificates); a new temporary one by default.
     #[arg(long, value_name = "DIR")]
     state: Option<PathBuf>,
+    /// Also serve the Azure IoT Identity Service of an IoT Edge host: DIR/identityd.sock
+    /// and DIR/keyd.sock, for the module `--aziot-module` of device `--aziot-device`
+    /// (created if missing). SIGUSR1 deletes and re-creates the module (a new generation).
+    #[arg(long, value_name = "DIR")]
+    aziot: Option<PathBuf>,
+    #[arg(long, value_name = "ID", default_value = "edge-gw", requires = "aziot")]
+    aziot_device: String,
+    #[arg(
+        long,
+        value_name = "ID",
+        default_value = "edgetwin",
+        requires = "aziot"
+    )]
+    aziot_module: String,
+    /// The uid identityd answers (the principal); default: this process's.
+    #[arg(long, value_name = "UID", requires = "aziot")]
+    aziot_principal_uid: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -87,6 +105,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         https_addr: args.https,
         hub_name: args.hub_name,
         state_dir,
+        aziot: args.aziot.map(|dir| {
+            let mut c = AziotConfig::new(dir, &args.aziot_device);
+            c.module_id = args.aziot_module;
+            if let Some(uid) = args.aziot_principal_uid {
+                c.principal_uid = uid;
+            }
+            c
+        }),
     })
     .await?;
     println!("state directory: {}", sim.state_dir().display());
@@ -103,20 +129,39 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         sim.https_addr(),
         sim.hub_name()
     );
-    wait_for_stop_signal().await?;
+    if let Some(aziot) = sim.aziot() {
+        let c = aziot.config();
+        println!(
+            "aziot: {} and {} for {}/{} (principal uid {})",
+            c.identityd_socket().display(),
+            c.keyd_socket().display(),
+            c.device_id,
+            c.module_id,
+            c.principal_uid
+        );
+    }
+    wait_for_stop_signal(&sim).await?;
     sim.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
+/// Until SIGINT or SIGTERM; SIGUSR1 re-creates the aziot module meanwhile.
+async fn wait_for_stop_signal(sim: &Sim) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = usr1.recv() => match sim.aziot().map(|a| a.recreate_module()) {
+                Some(Ok(())) => println!("aziot: module re-created (new generation)"),
+                Some(Err(e)) => eprintln!("edgetwin-sim: {e:#}"),
+                None => {}
+            },
+        }
     }
-    Ok(())
 }
 
 #[cfg(test)]

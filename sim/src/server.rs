@@ -1,5 +1,6 @@
 //! [`Sim`]: a running emulator — the hub, its MQTT/TLS listener and its HTTPS listener
 //! (REST and MQTT over WebSocket) — as started by `edgetwin-sim serve`, the demo and the tests.
+//! With `aziot`, also the Identity Service's Unix sockets ([`super::aziot`]).
 //! Owns the listener tasks and stops them on shutdown; can restart on the same ports with
 //! the state kept, which is how tests simulate a hub restart.
 
@@ -13,6 +14,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::aziot::{AziotConfig, AziotSim};
 use super::dps::Dps;
 use super::hub::Hub;
 use super::tls;
@@ -28,6 +30,8 @@ pub struct SimConfig {
     pub hub_name: String,
     /// Durable state: registry, twins, sessions, certificates.
     pub state_dir: PathBuf,
+    /// The Azure IoT Identity Service of an IoT Edge host (`--aziot DIR`), if wanted.
+    pub aziot: Option<AziotConfig>,
 }
 
 impl SimConfig {
@@ -38,6 +42,7 @@ impl SimConfig {
             https_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             hub_name: "localhost".into(),
             state_dir: state_dir.into(),
+            aziot: None,
         }
     }
 }
@@ -47,6 +52,7 @@ pub struct Sim {
     config: SimConfig,
     hub: Hub,
     dps: Dps,
+    aziot: Option<AziotSim>,
     mqtt_addr: SocketAddr,
     https_addr: SocketAddr,
     ca_pem: String,
@@ -113,10 +119,20 @@ impl Sim {
             shutdown.clone(),
             tasks.clone(),
         ));
+        let aziot = match &config.aziot {
+            Some(c) => Some(AziotSim::start(
+                hub.clone(),
+                c.clone(),
+                shutdown.clone(),
+                &tasks,
+            )?),
+            None => None,
+        };
         Ok(Sim {
             config,
             hub,
             dps,
+            aziot,
             mqtt_addr,
             https_addr,
             ca_pem: tls.ca_pem,
@@ -132,6 +148,11 @@ impl Sim {
     /// The emulated Device Provisioning Service (its scope, group key, faults).
     pub fn dps(&self) -> &Dps {
         &self.dps
+    }
+
+    /// The emulated Identity Service (`--aziot`): re-create the module, change the principal.
+    pub fn aziot(&self) -> Option<&AziotSim> {
+        self.aziot.as_ref()
     }
 
     pub fn faults(&self) -> super::hub::Faults {

@@ -69,7 +69,16 @@ pub async fn exchange(
             Ok::<_, hyper::Error>((status, body))
         };
         let (answer, _closed) = tokio::join!(answer, connection);
-        let (status, body) = answer.map_err(|e| unavailable(e.to_string()))?;
+        let (status, body) = answer.map_err(|e| {
+            if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
+                AziotError::Malformed {
+                    service,
+                    reason: format!("not an HTTP/1.1 answer: {e}"),
+                }
+            } else {
+                unavailable(e.to_string())
+            }
+        })?;
         let body = body.map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 AziotError::Malformed {
@@ -98,5 +107,30 @@ fn connect_error(service: Service, socket: &Path, e: std::io::Error) -> AziotErr
             socket,
             reason: e.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_connect_names_the_group_of_the_service() {
+        let denied = || std::io::Error::from(ErrorKind::PermissionDenied);
+        let e = connect_error(
+            Service::Identityd,
+            Path::new("/run/aziot/identityd.sock"),
+            denied(),
+        );
+        assert!(matches!(&e, AziotError::PermissionDenied { .. }), "{e:?}");
+        assert!(e.to_string().contains("group aziotid"), "{e}");
+        let e = connect_error(Service::Keyd, Path::new("/run/aziot/keyd.sock"), denied());
+        assert!(e.to_string().contains("group aziotks"), "{e}");
+        let e = connect_error(
+            Service::Keyd,
+            Path::new("/x"),
+            std::io::Error::from(ErrorKind::NotFound),
+        );
+        assert!(matches!(e, AziotError::SocketMissing { .. }), "{e:?}");
     }
 }
