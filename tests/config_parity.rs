@@ -1,7 +1,7 @@
 //! `edgetwin check-config` accepts exactly what `edgetwin run` accepts: the same bad
 //! configuration files are fed to both binaries' commands, and both must refuse them with
 //! exit 78 and the same problem, naming the same key (first-boot provisioning secrets of
-//! the wrong kind included). Before validation produced the
+//! the wrong kind included, and `[aziot]` on a host without the Identity Service). Before validation produced the
 //! session's own types, several of these passed `check-config` and failed only at `run`
 //! (or, for a proxy port that was not a number, were accepted by both and then tunnelled
 //! to the wrong place).
@@ -280,6 +280,45 @@ fn cases() -> Vec<Case> {
     contradiction.rest = "[provisioning]\nenabled = true\nmethod = \"device\"\n".into();
     cases.push(contradiction);
 
+    let mut aziot_and_string = case(
+        "aziot beside a module connection string",
+        "aziot.enabled",
+        "",
+    );
+    aziot_and_string.rest = "[aziot]\nenabled = true\n".into();
+    cases.push(aziot_and_string);
+
+    let mut aziot_and_provisioning =
+        case("aziot beside a provisioning method", "aziot.enabled", "");
+    aziot_and_provisioning.hub = String::new();
+    aziot_and_provisioning.rest = format!(
+        "[provisioning]\nmethod = \"device\"\n\
+         device_connection_string = \"HostName=h;DeviceId=gw1;SharedAccessKey={KEY}\"\n\n\
+         [aziot]\nenabled = true\n"
+    );
+    cases.push(aziot_and_provisioning);
+
+    let mut aziot_relative = case(
+        "aziot with a relative socket path",
+        "aziot.identityd_socket",
+        "",
+    );
+    aziot_relative.hub = String::new();
+    aziot_relative.rest =
+        "[aziot]\nenabled = true\nidentityd_socket = \"run/aziot/identityd.sock\"\n".into();
+    cases.push(aziot_relative);
+
+    let mut aziot_missing = case(
+        "aziot on a host without the Identity Service's sockets",
+        "aziot.keyd_socket",
+        "",
+    );
+    aziot_missing.hub = String::new();
+    aziot_missing.rest = "[aziot]\nenabled = true\nidentityd_socket = \"{dir}/identityd.sock\"\n\
+                          keyd_socket = \"{dir}/keyd.sock\"\n"
+        .into();
+    cases.push(aziot_missing);
+
     let mut bad_level = case("log level that is no filter", "log.level", "");
     bad_level.rest = "[log]\nlevel = \"very=loud=now\"\n".into();
     cases.push(bad_level);
@@ -378,6 +417,27 @@ async fn check_config_accepts_the_deprecated_enabled_and_shows_the_warning() {
         "{printed}"
     );
     assert!(!printed.contains(KEY), "{printed}");
+}
+
+#[tokio::test]
+async fn check_config_accepts_aziot_with_its_sockets_and_shows_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _identityd =
+        std::os::unix::net::UnixListener::bind(dir.path().join("identityd.sock")).expect("bound");
+    let _keyd =
+        std::os::unix::net::UnixListener::bind(dir.path().join("keyd.sock")).expect("bound");
+    let mut aziot = case("aziot", "", "");
+    aziot.hub = String::new();
+    aziot.rest = "[aziot]\nenabled = true\nidentityd_socket = \"{dir}/identityd.sock\"\n\
+                  keyd_socket = \"{dir}/keyd.sock\"\n"
+        .into();
+    let config = write_case(dir.path(), &aziot);
+    let out = edgetwin("check-config", &config).await;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(printed.contains("[aziot]\nenabled = true\n"), "{printed}");
+    let keyd = format!("keyd_socket = \"{}/keyd.sock\"", dir.path().display());
+    assert!(printed.contains(&keyd), "{printed}");
 }
 
 /// A self-signed CA certificate (its key was thrown away).
