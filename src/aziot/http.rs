@@ -70,7 +70,7 @@ pub async fn exchange(
         };
         let (answer, _closed) = tokio::join!(answer, connection);
         let (status, body) = answer.map_err(|e| {
-            if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
+            if e.is_parse() || e.is_parse_status() {
                 AziotError::Malformed {
                     service,
                     reason: format!("not an HTTP/1.1 answer: {e}"),

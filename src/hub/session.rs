@@ -204,14 +204,22 @@ impl Session {
                 }
                 // Signed now, on the hub's time as far as it is known, so a clock stepped
                 // since the last token never shortens the next one. With aziot this asks
-                // identityd and keyd (bounded by their timeout): the connection is down
-                // meanwhile anyway, and only shutdown must not wait for it.
+                // identityd and keyd (each bounded by its timeout): the connection is down
+                // meanwhile anyway; shutdown does not wait for it, and the heartbeat goes
+                // on, as this is progress the watchdog must not take for a hang.
                 let expiry =
                     SkewedClock::system(core.connection.skew_secs()).expiry(config.sas_ttl);
-                let signed = tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => None,
-                    signed = core.signer.password(&core.identity, expiry) => Some(signed),
+                let signed = {
+                    let signing = core.signer.password(&core.identity, expiry);
+                    tokio::pin!(signing);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => break None,
+                            signed = &mut signing => break Some(signed),
+                            _ = beat.tick() => heartbeat.beat(),
+                        }
+                    }
                 };
                 let flow = match signed {
                     None => {
