@@ -58,14 +58,21 @@ impl Edge {
     /// Settings through the real loader: `[aziot]` with the sockets in `sockets`, the
     /// emulator's MQTT port as the gateway (its hub name is `localhost`).
     fn settings_in(&self, sockets: &Path) -> Settings {
+        let gateway = format!(
+            "gateway_host = \"127.0.0.1:{}\"",
+            self.sim.mqtt_addr().port()
+        );
+        self.settings_with(sockets, &gateway)
+    }
+
+    fn settings_with(&self, sockets: &Path, hub_extra: &str) -> Settings {
         let path = self.sim_dir.path().join("edgetwin.toml");
         let text = format!(
-            "[hub]\ngateway_host = \"127.0.0.1:{}\"\nca_file = \"{}\"\n\
+            "[hub]\n{hub_extra}\nca_file = \"{}\"\n\
              backoff = {{ initial = \"50ms\", max = \"300ms\" }}\n\
              refused_backoff = {{ initial = \"50ms\", max = \"300ms\" }}\n\n\
              [aziot]\nenabled = true\nidentityd_socket = \"{}\"\nkeyd_socket = \"{}\"\n\n\
              [state]\ndir = \"{}\"\n",
-            self.sim.mqtt_addr().port(),
             self.sim.ca_path().display(),
             sockets.join("identityd.sock").display(),
             sockets.join("keyd.sock").display(),
@@ -154,6 +161,25 @@ async fn the_daemon_connects_as_the_module_identityd_names_and_acknowledges_a_pa
         !edge.state_dir.path().join("module.connstr").exists(),
         "no key on edgetwin's side"
     );
+    daemon.stop().await.expect("clean stop");
+    edge.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_daemon_connects_to_the_gateway_identityd_names_with_a_token_for_the_hub() {
+    let mut edge = Edge::start().await;
+    // A parent gateway (here: the emulator's MQTT listener under another name than the
+    // hub's); nothing in edgetwin's configuration says where to connect.
+    let gateway = format!("127.0.0.1:{}", edge.sim.mqtt_addr().port());
+    edge.sim
+        .aziot()
+        .expect("aziot served")
+        .set_gateway_host(Some(gateway));
+    let daemon = Daemon::start(edge.settings_with(&edge.aziot_dir(), "")).await;
+    // The emulator checks the token's `sr` against its hub name, `localhost`.
+    edge.wait_connected().await;
+    let version = edge.set_desired(json!({"telemetryInterval": 12}));
+    edge.wait_ack("telemetryInterval", version).await;
     daemon.stop().await.expect("clean stop");
     edge.sim.shutdown().await;
 }

@@ -101,6 +101,7 @@ struct State {
     /// Key handle → the module generation it was issued for.
     handles: HashMap<String, String>,
     principal_uid: u32,
+    gateway_host: Option<String>,
 }
 
 impl AziotSim {
@@ -133,6 +134,7 @@ impl AziotSim {
                 state: Mutex::new(State {
                     handles: HashMap::new(),
                     principal_uid: config.principal_uid,
+                    gateway_host: config.gateway_host.clone(),
                 }),
                 config,
             }),
@@ -170,6 +172,11 @@ impl AziotSim {
         lock(&self.inner.state).principal_uid = uid;
     }
 
+    /// identityd names `gateway` as `gatewayHost` from now on (`None`: the hub itself).
+    pub fn set_gateway_host(&self, gateway: Option<String>) {
+        lock(&self.inner.state).gateway_host = gateway;
+    }
+
     /// The module's current generation and primary key, from the registry.
     fn module(&self) -> Option<(String, SharedKey)> {
         let c = &self.inner.config;
@@ -203,7 +210,7 @@ impl AziotSim {
         };
         let c = &self.inner.config;
         let hub_name = self.inner.hub.hub_name().to_owned();
-        let gateway = c.gateway_host.clone().unwrap_or_else(|| hub_name.clone());
+        let gateway = st.gateway_host.clone().unwrap_or_else(|| hub_name.clone());
         let body = json!({
             "type": "aziot",
             "spec": {
