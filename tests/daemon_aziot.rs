@@ -299,6 +299,49 @@ async fn missing_sockets_are_a_configuration_error_naming_them_and_iot_edge() {
     edge.sim.shutdown().await;
 }
 
+async fn edgetwin_provision(config: &Path) -> std::process::Output {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgetwin"))
+        .arg("provision")
+        .arg("--config")
+        .arg(config)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(WAIT, child)
+        .await
+        .expect("`edgetwin provision` exits")
+        .expect("edgetwin runs")
+}
+
+#[tokio::test]
+async fn provision_checks_the_identity_service_and_names_the_principal_file_when_refused() {
+    let edge = Edge::start().await;
+    let config = edge.sim_dir.path().join("edgetwin.toml");
+    let _ = edge.settings(); // writes the file
+    let out = edgetwin_provision(&config).await;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(printed.contains(&format!("device: {DEVICE}")), "{printed}");
+    assert!(
+        printed.contains(&format!("module: {MODULE} (generation ")),
+        "{printed}"
+    );
+    assert!(!printed.contains("sim-"), "no key handle shown: {printed}");
+
+    let aziot = edge.sim.aziot().expect("aziot served");
+    aziot.set_principal_uid(aziot.config().principal_uid.wrapping_add(1));
+    let out = edgetwin_provision(&config).await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{said}");
+    assert!(said.contains(PRINCIPAL_FILE), "{said}");
+    edge.sim.shutdown().await;
+}
+
 /// A fake identityd: every connection gets `answer` whatever it asked, then is closed.
 fn scripted_identityd(dir: &Path, answer: Vec<u8>) -> PathBuf {
     let path = dir.join("identityd.sock");
