@@ -69,6 +69,7 @@ fn example_config_loads() {
         assert_eq!(s.hub.backoff.max, Duration::from_secs(120));
         assert_eq!(s.provisioning.module_id, "edgetwin");
         assert_eq!(s.provisioning.method, ProvisioningMethod::None);
+        assert_eq!(s.aziot, None);
         assert!(s.warnings.is_empty(), "{:?}", s.warnings);
         assert_eq!(
             s.twin.schema.default_of(TELEMETRY_INTERVAL),
@@ -402,6 +403,46 @@ fn refused_backoff_defaults_to_a_minute_up_to_an_hour_and_is_checked_like_backof
             .message
             .clone();
         assert!(e.contains("longer than hub.refused_backoff.max"), "{e}");
+        Ok(())
+    });
+}
+
+#[test]
+fn aziot_needs_no_credential_and_takes_the_identity_service_sockets() {
+    Jail::expect_with(|jail| {
+        let (_, main) = setup(jail, "[aziot]\nenabled = true\n");
+        let s = Settings::load(Some(&main)).map_err(|e| e.to_string())?;
+        let client = s.aziot.expect("aziot enabled");
+        assert_eq!(
+            client.identityd_socket(),
+            Path::new(crate::aziot::IDENTITYD_SOCKET)
+        );
+        assert_eq!(client.keyd_socket(), Path::new(crate::aziot::KEYD_SOCKET));
+        Ok(())
+    });
+}
+
+#[test]
+fn aziot_refuses_a_second_answer_to_who_the_module_is() {
+    Jail::expect_with(|jail| {
+        let body = with_credentials("\n[provisioning]\nmethod = \"dps\"\n\n[aziot]\nenabled = true\nkeyd_socket = \"keyd.sock\"\n");
+        let (_, main) = setup(jail, &body);
+        let errors = load_err(&main);
+        let enabled: Vec<&str> = errors
+            .iter()
+            .filter(|e| e.key == "aziot.enabled")
+            .map(|e| e.message.as_str())
+            .collect();
+        assert_eq!(enabled.len(), 2, "{errors}");
+        assert!(
+            enabled[0].contains("hub.connection_string_file"),
+            "{errors}"
+        );
+        assert!(enabled[1].contains("provisioning.method"), "{errors}");
+        assert_eq!(
+            find(&errors, "aziot.keyd_socket").message,
+            "must be an absolute path"
+        );
         Ok(())
     });
 }
