@@ -123,12 +123,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .join(edgetwin_sim::server::SERVICE_CONNSTR_FILE)
             .display()
     );
-    println!(
-        "edgetwin-sim ready: mqtts://{} https://{} hub {}",
-        sim.mqtt_addr(),
-        sim.https_addr(),
-        sim.hub_name()
-    );
     if let Some(aziot) = sim.aziot() {
         let c = aziot.config();
         println!(
@@ -140,6 +134,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             c.principal_uid
         );
     }
+    println!(
+        "edgetwin-sim ready: mqtts://{} https://{} hub {}",
+        sim.mqtt_addr(),
+        sim.https_addr(),
+        sim.hub_name()
+    );
     wait_for_stop_signal(&sim).await?;
     sim.shutdown().await;
     Ok(())
@@ -183,5 +183,21 @@ mod tests {
         assert_eq!(args.mqtt.to_string(), "127.0.0.1:8883");
         assert_eq!(args.https.to_string(), "127.0.0.1:8443");
         assert_eq!(args.hub_name, "localhost");
+        assert_eq!(args.aziot, None);
+    }
+
+    #[test]
+    fn aziot_names_a_directory_and_its_module_defaults_to_edgetwin() {
+        let cli =
+            Cli::try_parse_from(["edgetwin-sim", "serve", "--aziot", "/run/sim-aziot"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.aziot, Some(PathBuf::from("/run/sim-aziot")));
+        assert_eq!(args.aziot_module, "edgetwin");
+        assert!(
+            Cli::try_parse_from(["edgetwin-sim", "serve", "--aziot-principal-uid", "7"]).is_err(),
+            "the principal belongs to --aziot"
+        );
     }
 }
