@@ -14,7 +14,11 @@
 //! patch or twin answer raises [`HubEvent::Resync`]) and publishes with `try_publish` —
 //! awaiting a publish on the task that polls the event loop deadlocks rumqttc. The one
 //! HTTPS request that reads the hub's time runs as a task of the session's own tracker and
-//! reports back on a channel. The poll future is never cancelled mid-flight.
+//! reports back on a channel. The poll future is never cancelled mid-flight. One await
+//! is bounded rather than quick: with aziot, signing the token before a connect asks
+//! aziot-identityd and aziot-keyd on local sockets (each request under its timeout), at a
+//! moment when no connection is up to be starved, with the heartbeat fed and shutdown
+//! taking precedence ([`super::signer`]).
 //!
 //! - `refusal`: reading the hub's time after a refusal; taking a new module credential;
 //!   a token that could not be signed (aziot).
