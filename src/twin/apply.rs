@@ -206,6 +206,15 @@ impl TwinSync {
             .get("reported")
             .and_then(|r| r.get("$version"))
             .and_then(Value::as_u64);
+        // A twin's reported `$version` never goes down; when it does, the module was
+        // deleted and created again (re-provisioning, aziot re-creation) and the new twin
+        // holds none of our acks. Its desired `$version` starts again too and may equal
+        // the one in force while carrying other values, so treat it as a first sync.
+        if let (Some(now), Some(known)) = (reported, self.state.reported_version) {
+            if now < known {
+                self.synced_once = false;
+            }
+        }
         let reported_changed = reported.is_some_and(|v| self.reported_confirmed(v));
         let mut out = self.full_twin(desired);
         out.changed |= reported_changed;

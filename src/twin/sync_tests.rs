@@ -375,3 +375,32 @@ fn reported_confirmation_records_the_version() {
     assert!(!s.reported_confirmed(3));
     assert_eq!(s.state().reported_version, Some(3));
 }
+
+#[test]
+fn a_twin_whose_reported_version_went_back_is_a_new_twin_even_at_the_same_desired_version() {
+    let mut s = synced(json!({"telemetryInterval": 122, "$version": 3}));
+    s.reported_confirmed(7);
+    // The module was deleted and created again: desired reached $version 3 anew with
+    // another value, and the new twin's reported section has none of our acks.
+    let out = s.get_response(
+        br#"{"desired": {"telemetryInterval": 45, "$version": 3}, "reported": {"$version": 1}}"#,
+    );
+    assert_eq!(dispositions(&out), [Disposition::FullTwin]);
+    assert_eq!(s.telemetry_interval().as_secs(), 45);
+    assert_eq!(s.state().reported_version, Some(1));
+    assert_eq!(
+        out.reported["telemetryInterval"],
+        json!({"value": 45, "ac": 200, "av": 3, "ad": "applied"})
+    );
+}
+
+#[test]
+fn a_twin_whose_reported_version_moved_on_at_the_same_desired_version_is_up_to_date() {
+    let mut s = synced(json!({"telemetryInterval": 122, "$version": 3}));
+    s.reported_confirmed(7);
+    let out = s.get_response(
+        br#"{"desired": {"telemetryInterval": 122, "$version": 3}, "reported": {"$version": 8}}"#,
+    );
+    assert_eq!(dispositions(&out), [Disposition::UpToDate]);
+    assert!(out.reported.is_empty());
+}
