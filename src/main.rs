@@ -4,10 +4,21 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use edgetwin::cli::{Cli, Command};
+use edgetwin::cli::{exit, Cli, Command};
 
 fn main() -> ExitCode {
-    let Cli { command } = Cli::parse();
+    let Cli { command } = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap exits 2 on a usage error; edgetwin's codes are sysexits (DESIGN §1).
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
+        }
+    };
     // The daemon sets up its logging from its configuration; check-config only prints.
     if matches!(command, Command::Provision(_) | Command::Twin(_)) {
         init_logging();

@@ -361,3 +361,25 @@ async fn state_file_of_a_newer_schema_is_moved_aside_not_trusted() {
     }))
     .await;
 }
+
+#[test]
+fn command_line_mistakes_exit_64_and_help_exits_0() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_edgetwin"))
+            .args(args)
+            .output()
+            .expect("run edgetwin")
+    };
+    for args in [
+        &["no-such-command"][..],
+        &["run", "--no-such-flag"],
+        &["twin", "show", "--device", "d"],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {out:?}");
+        assert!(!out.stderr.is_empty(), "{args:?} says nothing");
+    }
+    let help = run(&["--help"]);
+    assert_eq!(help.status.code(), Some(0), "{help:?}");
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Usage"));
+}
