@@ -15,8 +15,10 @@
 //!   limits).
 //! - [`persist`]: the durable on-disk form of the registry and twins, and the order of
 //!   its writes.
+//! - [`query`]: the IoT Hub query language (parser and evaluator, pure).
 //! - [`dps`]: the Device Provisioning Service: enrollments, registrations, the DPS REST
 //!   API; its MQTT side is in [`mqtt`].
+//! - [`twin_query`]: the twin query service (`POST /devices/query`) with paging.
 //! - [`tls`]: the emulator's CA and server certificate.
 //! - [`mqtt`]: MQTT 3.1.1 server (TLS and WebSocket transports) for module clients.
 //! - [`rest`]: HTTPS service REST API; it mounts [`websocket`], the MQTT-over-WebSocket
@@ -37,6 +39,7 @@ pub mod events;
 pub mod hub;
 pub mod mqtt;
 pub mod persist;
+pub mod query;
 pub mod rest;
 pub mod server;
 pub mod service_side;
@@ -44,6 +47,7 @@ pub mod testing;
 pub mod tls;
 pub mod topics;
 pub mod twin_doc;
+pub mod twin_query;
 pub mod websocket;
 
 pub use dps::Dps;
