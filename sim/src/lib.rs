@@ -15,6 +15,8 @@
 //!   limits).
 //! - [`persist`]: the durable on-disk form of the registry and twins, and the order of
 //!   its writes.
+//! - [`configurations`]: automatic module configurations (CRUD, validation) and their
+//!   evaluation onto twins (priority, statuses, metrics).
 //! - [`query`]: the IoT Hub query language (parser and evaluator, pure).
 //! - [`dps`]: the Device Provisioning Service: enrollments, registrations, the DPS REST
 //!   API; its MQTT side is in [`mqtt`].
@@ -30,6 +32,7 @@
 //!
 //! The emulator never talks to anything but its own listeners and its state directory.
 
+pub mod configurations;
 pub mod demo;
 pub mod device_auth;
 pub mod device_side;

@@ -6,11 +6,11 @@
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::Router;
 use serde_json::Value;
 
-use super::{blocking, error_response, methods, App, Call, JSON_UTF8};
+use super::{blocking, error_response, methods, respond, App, Call, JSON_UTF8};
 use crate::errors::HubError;
 use crate::hub::Right;
 
@@ -20,7 +20,18 @@ pub const ITEM_TYPE: &str = "x-ms-item-type";
 
 /// The fleet routes, merged into the hub's router.
 pub(super) fn routes() -> Router<App> {
-    Router::new().route("/devices/query", methods(post(query)))
+    Router::new()
+        .route("/devices/query", methods(post(query)))
+        .route("/configurations", methods(get(list_configurations)))
+        .route("/configurations/testQueries", methods(post(test_queries)))
+        .route(
+            "/configurations/:id",
+            methods(
+                get(get_configuration)
+                    .put(put_configuration)
+                    .delete(delete_configuration),
+            ),
+        )
 }
 
 fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, HubError> {
@@ -81,4 +92,72 @@ async fn query(State(app): State<App>, mut call: Call<()>) -> Response {
         }
         Err(e) => error_response(&e),
     }
+}
+
+// ---- configurations ------------------------------------------------------------------
+// Throttling (h13, sim/src/throttle.rs): the configurations bucket (20/min/unit) is taken
+// in each handler below right after `call.begin`.
+
+async fn get_configuration(State(app): State<App>, mut call: Call<String>) -> Response {
+    respond(async move {
+        let id = call.begin(&app, Right::RegistryRead)?;
+        Ok((StatusCode::OK, Some(app.hub.get_configuration(&id)?)))
+    })
+    .await
+}
+
+async fn put_configuration(State(app): State<App>, mut call: Call<String>) -> Response {
+    respond(async move {
+        let id = call.begin(&app, Right::RegistryWrite)?;
+        let body = call.json()?;
+        let if_match = call.if_match()?;
+        let hub = app.hub.clone();
+        let doc = blocking(move || hub.put_configuration(&id, &body, if_match.as_deref())).await?;
+        Ok((StatusCode::OK, Some(doc)))
+    })
+    .await
+}
+
+async fn delete_configuration(State(app): State<App>, mut call: Call<String>) -> Response {
+    respond(async move {
+        let id = call.begin(&app, Right::RegistryWrite)?;
+        let if_match = call.if_match()?;
+        let hub = app.hub.clone();
+        blocking(move || hub.delete_configuration(&id, if_match.as_deref())).await?;
+        Ok((StatusCode::NO_CONTENT, None))
+    })
+    .await
+}
+
+async fn list_configurations(State(app): State<App>, mut call: Call<()>) -> Response {
+    respond(async move {
+        call.begin(&app, Right::RegistryRead)?;
+        let top = call
+            .uri
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(k, _)| *k == "top")
+            .map(|(_, v)| {
+                v.parse::<usize>().map_err(|_| {
+                    HubError::argument_invalid(format!("top must be a whole number, not '{v}'"))
+                })
+            })
+            .transpose()?;
+        Ok((StatusCode::OK, Some(app.hub.list_configurations(top))))
+    })
+    .await
+}
+
+async fn test_queries(State(app): State<App>, mut call: Call<()>) -> Response {
+    respond(async move {
+        call.begin(&app, Right::RegistryRead)?;
+        let body = call.json()?;
+        Ok((
+            StatusCode::OK,
+            Some(app.hub.test_configuration_queries(&body)),
+        ))
+    })
+    .await
 }
