@@ -80,7 +80,7 @@ impl Hub {
             })
             .collect();
         // Highest priority first; among equals the newest.
-        candidates.sort_by(|a, b| (b.priority, b.created_seq).cmp(&(a.priority, a.created_seq)));
+        candidates.sort_by_key(|c| std::cmp::Reverse((c.priority, c.created_seq)));
         let docs = module_twin_docs(&st);
         let now = now_ts();
         for doc in &docs {
