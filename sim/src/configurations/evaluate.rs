@@ -120,23 +120,27 @@ impl Hub {
             else {
                 continue;
             };
+            let mut after = record.twin.desired.props.clone();
+            merge(&mut after, &patch);
+            if after != record.twin.desired.props {
+                match record.twin.patch_desired(&patch, &now) {
+                    Ok(version) => {
+                        let mut payload = Value::Object(patch);
+                        payload["$version"] = json!(version);
+                        notifications.push((key.clone(), payload, version));
+                        report.patched.push(key);
+                    }
+                    Err(e) => {
+                        // Nothing was applied: the statuses stay as they were until a
+                        // later evaluation succeeds.
+                        report.failed.push((key, e));
+                        continue;
+                    }
+                }
+            }
             if record.twin.configurations != statuses {
                 record.twin.configurations = statuses;
                 report.statuses_changed += 1;
-            }
-            let mut after = record.twin.desired.props.clone();
-            merge(&mut after, &patch);
-            if after == record.twin.desired.props {
-                continue;
-            }
-            match record.twin.patch_desired(&patch, &now) {
-                Ok(version) => {
-                    let mut payload = Value::Object(patch);
-                    payload["$version"] = json!(version);
-                    notifications.push((key.clone(), payload, version));
-                    report.patched.push(key);
-                }
-                Err(e) => report.failed.push((key, e)),
             }
         }
         let metrics_changed = self.update_metrics(&mut st);
