@@ -681,7 +681,7 @@ async fn provision_against_an_unreachable_hub_exits_69_then_succeeds_once_it_is_
         https_addr: https,
         hub_name: "localhost".into(),
         state_dir: sim_dir.path().to_owned(),
-        aziot: None,
+        ..SimConfig::ephemeral(sim_dir.path())
     })
     .await
     .expect("sim starts on the same ports");

@@ -208,7 +208,7 @@ async fn first_boot_provisions_once_the_hub_is_reachable_then_applies_patches() 
         https_addr: https,
         hub_name: "localhost".into(),
         state_dir: sim_dir.path().to_owned(),
-        aziot: None,
+        ..SimConfig::ephemeral(sim_dir.path())
     })
     .await
     .expect("sim starts on the same ports");

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use edgetwin_sim::aziot::AziotConfig;
@@ -61,6 +62,9 @@ struct ServeArgs {
     /// The uid identityd answers (the principal); default: this process's.
     #[arg(long, value_name = "UID", requires = "aziot")]
     aziot_principal_uid: Option<u32>,
+    /// How often automatic configurations are evaluated (the real hub: 5m).
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = edgetwin::config::duration::parse)]
+    configurations_every: Duration,
 }
 
 fn main() -> ExitCode {
@@ -113,6 +117,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
             c
         }),
+        configurations_every: args.configurations_every,
     })
     .await?;
     println!("state directory: {}", sim.state_dir().display());
@@ -184,6 +189,10 @@ mod tests {
         assert_eq!(args.https.to_string(), "127.0.0.1:8443");
         assert_eq!(args.hub_name, "localhost");
         assert_eq!(args.aziot, None);
+        assert_eq!(
+            args.configurations_every,
+            edgetwin_sim::server::CONFIGURATIONS_EVERY
+        );
     }
 
     #[test]
@@ -198,6 +207,20 @@ mod tests {
         assert!(
             Cli::try_parse_from(["edgetwin-sim", "serve", "--aziot-principal-uid", "7"]).is_err(),
             "the principal belongs to --aziot"
+        );
+    }
+
+    #[test]
+    fn configurations_every_takes_a_human_duration() {
+        let cli = Cli::try_parse_from(["edgetwin-sim", "serve", "--configurations-every", "250ms"])
+            .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.configurations_every, Duration::from_millis(250));
+        assert!(
+            Cli::try_parse_from(["edgetwin-sim", "serve", "--configurations-every", "soon"])
+                .is_err()
         );
     }
 }

@@ -1,12 +1,14 @@
 //! [`Sim`]: a running emulator — the hub, its MQTT/TLS listener and its HTTPS listener
 //! (REST and MQTT over WebSocket) — as started by `edgetwin-sim serve`, the demo and the tests.
 //! With `aziot`, also the Identity Service's Unix sockets ([`super::aziot`]).
-//! Owns the listener tasks and stops them on shutdown; can restart on the same ports with
+//! Owns the listener tasks and the periodic evaluation of automatic configurations, and
+//! stops them on shutdown; can restart on the same ports with
 //! the state kept, which is how tests simulate a hub restart.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -32,7 +34,13 @@ pub struct SimConfig {
     pub state_dir: PathBuf,
     /// The Azure IoT Identity Service of an IoT Edge host (`--aziot DIR`), if wanted.
     pub aziot: Option<AziotConfig>,
+    /// How often automatic configurations are evaluated (also once at start and after
+    /// each change of a configuration). The real hub: five minutes.
+    pub configurations_every: Duration,
 }
+
+/// Default of [`SimConfig::configurations_every`].
+pub const CONFIGURATIONS_EVERY: Duration = Duration::from_secs(5);
 
 impl SimConfig {
     /// Both listeners on free loopback ports, hub name `localhost`.
@@ -43,6 +51,7 @@ impl SimConfig {
             hub_name: "localhost".into(),
             state_dir: state_dir.into(),
             aziot: None,
+            configurations_every: CONFIGURATIONS_EVERY,
         }
     }
 }
@@ -128,6 +137,11 @@ impl Sim {
             )?),
             None => None,
         };
+        tasks.spawn(evaluate_configurations(
+            hub.clone(),
+            config.configurations_every,
+            shutdown.clone(),
+        ));
         Ok(Sim {
             config,
             hub,
@@ -219,5 +233,35 @@ impl Sim {
         };
         drop(self);
         Sim::start(config).await
+    }
+}
+
+/// Evaluates automatic configurations at start and then every `every` until shutdown.
+/// Failures are logged here, once per evaluation; the next one retries.
+async fn evaluate_configurations(hub: Hub, every: Duration, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(every.max(Duration::from_millis(1)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let h = hub.clone();
+        match tokio::task::spawn_blocking(move || h.evaluate_configurations()).await {
+            Ok(Ok(report)) => {
+                for (module, error) in &report.failed {
+                    tracing::warn!(%module, %error, "configuration content could not be applied to a twin");
+                }
+                if !report.patched.is_empty() || report.statuses_changed > 0 {
+                    tracing::debug!(
+                        patched = report.patched.len(),
+                        statuses_changed = report.statuses_changed,
+                        "configurations evaluated"
+                    );
+                }
+            }
+            Ok(Err(error)) => tracing::warn!(%error, "configuration evaluation failed"),
+            Err(error) => tracing::warn!(%error, "configuration evaluation panicked"),
+        }
     }
 }

@@ -577,7 +577,7 @@ fn connected(st: &State, device_id: &str, module_id: &str) -> bool {
     })
 }
 
-fn twin_doc(st: &State, device_id: &str, module_id: &str) -> Result<Value, HubError> {
+pub(super) fn twin_doc(st: &State, device_id: &str, module_id: &str) -> Result<Value, HubError> {
     let m = find_module(st, device_id, module_id)?;
     Ok(m.twin.service_view(
         device_id,
