@@ -9,7 +9,10 @@ use edgetwin::cli::{Cli, Command};
 fn main() -> ExitCode {
     let Cli { command } = Cli::parse();
     // The daemon sets up its logging from its configuration; check-config only prints.
-    if matches!(command, Command::Provision(_) | Command::Twin(_)) {
+    if matches!(
+        command,
+        Command::Provision(_) | Command::Twin(_) | Command::Fleet(_)
+    ) {
         init_logging();
     }
     ExitCode::from(edgetwin::cli::dispatch(command))
