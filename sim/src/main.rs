@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use edgetwin_sim::{Sim, SimConfig};
@@ -43,6 +44,9 @@ struct ServeArgs {
     /// State directory (registry, twins, certificates); a new temporary one by default.
     #[arg(long, value_name = "DIR")]
     state: Option<PathBuf>,
+    /// How often automatic configurations are evaluated (the real hub: 5m).
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = edgetwin::config::duration::parse)]
+    configurations_every: Duration,
 }
 
 fn main() -> ExitCode {
@@ -87,6 +91,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         https_addr: args.https,
         hub_name: args.hub_name,
         state_dir,
+        configurations_every: args.configurations_every,
     })
     .await?;
     println!("state directory: {}", sim.state_dir().display());
@@ -138,5 +143,23 @@ mod tests {
         assert_eq!(args.mqtt.to_string(), "127.0.0.1:8883");
         assert_eq!(args.https.to_string(), "127.0.0.1:8443");
         assert_eq!(args.hub_name, "localhost");
+        assert_eq!(
+            args.configurations_every,
+            edgetwin_sim::server::CONFIGURATIONS_EVERY
+        );
+    }
+
+    #[test]
+    fn configurations_every_takes_a_human_duration() {
+        let cli = Cli::try_parse_from(["edgetwin-sim", "serve", "--configurations-every", "250ms"])
+            .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.configurations_every, Duration::from_millis(250));
+        assert!(
+            Cli::try_parse_from(["edgetwin-sim", "serve", "--configurations-every", "soon"])
+                .is_err()
+        );
     }
 }

@@ -38,6 +38,8 @@ use super::hub::{Hub, Right};
 use super::service_side::TwinWrite;
 use super::twin_doc::timestamp;
 
+mod fleet;
+
 /// How long a client may take to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request's headers.
@@ -161,6 +163,7 @@ fn router(app: App) -> Router {
             methods(post(invoke_method)),
         )
         .route("/$iothub/websocket", methods(get(websocket_upgrade)))
+        .merge(fleet::routes())
         .fallback(not_found)
         .layer(middleware::from_fn(log_request))
         .with_state(app)
