@@ -32,6 +32,7 @@ pub struct FleetClient {
     clock: Arc<dyn Clock>,
     draw: Arc<dyn Fn() -> f64 + Send + Sync>,
     usage: Arc<Mutex<Usage>>,
+    page_size: u32,
 }
 
 impl std::fmt::Debug for FleetClient {
@@ -51,7 +52,14 @@ impl FleetClient {
             clock: Arc::new(SystemClock),
             draw: Arc::new(|| rand::random::<f64>()),
             usage: Arc::default(),
+            page_size: MAX_PAGE,
         }
+    }
+
+    /// The same client asking for pages of at most `rows` rows (default 1000).
+    pub fn with_page_size(mut self, rows: u32) -> Self {
+        self.page_size = rows.max(1);
+        self
     }
 
     /// The same client with another throttling policy and clock.
@@ -110,7 +118,8 @@ impl FleetClient {
                 next,
             }),
             Err(FleetError::Registry(RegistryError::Invalid(message)))
-                if existing.len() >= MAX_CONFIGURATIONS as usize =>
+                if existing.len() >= MAX_CONFIGURATIONS as usize
+                    || message.contains("ConfigurationCountLimitExceeded") =>
             {
                 Err(FleetError::TooMany {
                     name: name.to_owned(),
@@ -154,7 +163,7 @@ impl FleetClient {
             let page = retry_throttled(&self.policy, self.clock(), self.draw.as_ref(), || {
                 self.meter(|u| u.queries += 1);
                 self.registry
-                    .query_page(query, continuation.as_deref(), MAX_PAGE)
+                    .query_page(query, continuation.as_deref(), self.page_size)
             })
             .await
             .map_err(|r| match r.error {
