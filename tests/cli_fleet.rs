@@ -285,6 +285,17 @@ async fn a_rollout_reaches_the_tagged_gateways_and_a_refused_one_names_who_and_w
         "{}",
         stderr(&out)
     );
+    // Every rollout at once: the first is superseded where the second wins, so nothing is
+    // pending, and the refusals make it 65.
+    let out = hub.run(&["fleet", "status"]).await;
+    assert_exit(&out, 65);
+    assert!(
+        stdout(&out).contains(
+            "interval-30 (priority 10): 30 targeted, 0 applied, 0 rejected, 0 pending, 30 superseded"
+        ),
+        "{}",
+        stdout(&out)
+    );
     // The refused value never reached the gateways: 30 stays in force.
     let twin = hub.twin(&canary[0]);
     assert_eq!(

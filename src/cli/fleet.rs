@@ -260,9 +260,16 @@ pub fn render_statuses(poll: &Poll) -> String {
     }
     for s in &poll.statuses {
         out.push_str(&format!(
-            "{} (priority {}): {} targeted, {} applied, {} rejected, {} pending\n",
+            "{} (priority {}): {} targeted, {} applied, {} rejected, {} pending",
             s.name, s.priority, s.targeted, s.applied, s.rejected, s.pending
         ));
+        if s.superseded > 0 {
+            out.push_str(&format!(
+                ", {} superseded (a configuration of higher priority sets the same properties)",
+                s.superseded
+            ));
+        }
+        out.push('\n');
         for r in &s.rejections {
             for reason in &r.reasons {
                 out.push_str(&format!(
@@ -361,6 +368,7 @@ mod tests {
             targeted: applied + rejected + pending,
             applied,
             rejected,
+            superseded: 0,
             pending,
             rejections: (0..rejected)
                 .map(|i| Rejection {

@@ -50,7 +50,7 @@ impl FleetClient {
             registry,
             policy: QuotaPolicy::default(),
             clock: Arc::new(SystemClock),
-            draw: Arc::new(|| rand::random::<f64>()),
+            draw: Arc::new(rand::random::<f64>),
             usage: Arc::default(),
             page_size: MAX_PAGE,
         }
@@ -193,20 +193,23 @@ impl FleetClient {
             .sum())
     }
 
-    /// One rollout's status: 3 queries (more when the rejecting twins fill pages).
+    /// One rollout's status: 4 queries (more when the rejecting twins fill pages).
     pub async fn rollout_status(&self, rollout: &Rollout) -> Result<RolloutStatus, FleetError> {
         let queries = rollout
             .status_queries()
             .ok_or_else(|| FleetError::NotARollout(rollout.name.clone()))?;
         let targeted = self.count(&queries.targeted).await?;
         let applied = self.count(&queries.applied).await?;
+        let superseded = self.count(&queries.superseded).await?;
         let rejections = self
             .query(&queries.rejecting)
             .await?
             .iter()
             .filter_map(|twin| current_rejection(twin, &rollout.settings))
             .collect();
-        Ok(RolloutStatus::tally(rollout, targeted, applied, rejections))
+        Ok(RolloutStatus::tally(
+            rollout, targeted, applied, superseded, rejections,
+        ))
     }
 
     /// The status of rollout `name`, or of every rollout; with what the poll cost.

@@ -6,8 +6,8 @@
 //!   one, so throttled clients neither hammer nor return together.
 //! - [`poll_interval`]: how long `fleet status --wait` waits between polls so that its
 //!   polls alone stay within the S1 quota: 60 s / 20 = 3 s per query (or configuration
-//!   operation) a poll made. One rollout's poll is 3 queries and 1 configuration read:
-//!   a poll every 9 s.
+//!   operation) a poll made. One rollout's poll is 4 queries and 1 configuration read:
+//!   a poll every 12 s.
 //! - [`Clock`]: time and sleeping, injected so the backoff is tested without sleeping.
 
 use std::future::Future;
@@ -217,8 +217,8 @@ mod tests {
 
     #[test]
     fn polls_stay_within_the_s1_quota() {
-        // One rollout: 3 queries and 1 configuration read per poll.
-        assert_eq!(poll_interval(3, 1), Duration::from_secs(9));
+        // One rollout: 4 queries and 1 configuration read per poll.
+        assert_eq!(poll_interval(4, 1), Duration::from_secs(12));
         // Polls over the minute never exceed 20 queries.
         for queries in 1..=40 {
             let polls_per_minute = 60.0 / poll_interval(queries, 1).as_secs_f64();

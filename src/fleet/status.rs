@@ -1,7 +1,9 @@
 //! Where a rollout stands, computed from what the hub says (pure, no I/O): the
 //! configuration as the hub returns it ([`Rollout`]), the queries `fleet status` runs for
 //! it, the refusals read from the rejecting twins, and the tally — targeted, applied,
-//! rejected, pending = targeted − applied − rejected.
+//! rejected, superseded (targeted, but a configuration of higher priority sets the same
+//! properties there: the twin's `configurations.[[id]].status` is `Targeted`), and
+//! pending = targeted − applied − rejected − superseded.
 //!
 //! The hub's `rejected` metric counts any refusal on record; a twin whose refusal
 //! predates the desired version the configuration wrote is still deciding, so it is
@@ -73,8 +75,8 @@ impl Rollout {
                 .starts_with("from devices.modules")
     }
 
-    /// The queries one status of this rollout runs: targeted and applied counts, and the
-    /// rejecting twins in full. `None` when it is not countable.
+    /// The queries one status of this rollout runs: targeted, applied and superseded
+    /// counts, and the rejecting twins in full. `None` when it is not countable.
     pub fn status_queries(&self) -> Option<StatusQueries> {
         if !self.is_countable() {
             return None;
@@ -82,16 +84,21 @@ impl Rollout {
         Some(StatusQueries {
             targeted: format!("SELECT COUNT() AS n {}", self.target_condition.trim()),
             applied: with_select(self.applied_query.as_deref()?, "COUNT() AS n")?,
+            superseded: format!(
+                "SELECT COUNT() AS n FROM devices.modules WHERE configurations.[[{}]].status = 'Targeted'",
+                self.name
+            ),
             rejecting: with_select(self.rejected_query.as_deref()?, "*")?,
         })
     }
 }
 
-/// The three queries of one status.
+/// The four queries of one status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusQueries {
     pub targeted: String,
     pub applied: String,
+    pub superseded: String,
     pub rejecting: String,
 }
 
@@ -176,6 +183,8 @@ pub struct RolloutStatus {
     pub targeted: u64,
     pub applied: u64,
     pub rejected: u64,
+    /// Targeted, but another configuration of higher priority sets these properties.
+    pub superseded: u64,
     pub pending: u64,
     pub rejections: Vec<Rejection>,
 }
@@ -187,6 +196,7 @@ impl RolloutStatus {
         rollout: &Rollout,
         targeted: u64,
         applied: u64,
+        superseded: u64,
         mut rejections: Vec<Rejection>,
     ) -> Self {
         rejections.sort_by(|a, b| (&a.device_id, &a.module_id).cmp(&(&b.device_id, &b.module_id)));
@@ -197,8 +207,12 @@ impl RolloutStatus {
             targeted,
             applied,
             rejected,
+            superseded,
             // Counts come from separate queries a moment apart: never below zero.
-            pending: targeted.saturating_sub(applied).saturating_sub(rejected),
+            pending: targeted
+                .saturating_sub(applied)
+                .saturating_sub(rejected)
+                .saturating_sub(superseded),
             rejections,
         }
     }
@@ -274,6 +288,10 @@ mod tests {
         assert!(q
             .rejecting
             .starts_with("SELECT * FROM devices.modules WHERE"));
+        assert_eq!(
+            q.superseded,
+            "SELECT COUNT() AS n FROM devices.modules WHERE configurations.[[fast]].status = 'Targeted'"
+        );
     }
 
     #[test]
@@ -324,22 +342,22 @@ mod tests {
             module_id: "edgetwin".into(),
             reasons: vec![],
         };
-        let s = RolloutStatus::tally(&r, 30, 20, vec![refusal("b"), refusal("a")]);
+        let s = RolloutStatus::tally(&r, 30, 20, 1, vec![refusal("b"), refusal("a")]);
         assert_eq!(
-            (s.targeted, s.applied, s.rejected, s.pending),
-            (30, 20, 2, 8)
+            (s.targeted, s.applied, s.rejected, s.superseded, s.pending),
+            (30, 20, 2, 1, 7)
         );
         assert_eq!(s.rejections[0].device_id, "a");
         assert_eq!(s.verdict(), Verdict::Pending);
-        let done = RolloutStatus::tally(&r, 3, 3, vec![]);
+        let done = RolloutStatus::tally(&r, 3, 3, 0, vec![]);
         assert_eq!(done.verdict(), Verdict::Applied);
-        let refused = RolloutStatus::tally(&r, 3, 2, vec![refusal("a")]);
+        let refused = RolloutStatus::tally(&r, 3, 2, 0, vec![refusal("a")]);
         assert_eq!(refused.verdict(), Verdict::Rejected);
         assert_eq!(overall(&[done.clone(), refused.clone()]), Verdict::Rejected);
         assert_eq!(overall(&[done, refused, s]), Verdict::Pending);
         // Counts taken a moment apart may overlap: pending never goes negative.
         assert_eq!(
-            RolloutStatus::tally(&r, 3, 3, vec![refusal("x")]).pending,
+            RolloutStatus::tally(&r, 3, 3, 0, vec![refusal("x")]).pending,
             0
         );
     }

@@ -81,6 +81,7 @@ mod tests {
                 targeted: 3,
                 applied: 3 - pending,
                 rejected: 0,
+                superseded: 0,
                 pending,
                 rejections: vec![],
             }],
