@@ -13,6 +13,8 @@
 //! A PATCH with `If-Match: "*"` and a direct-method POST are repeated only when the hub
 //! cannot have acted on them: 429, or no connection made. A 429's `Retry-After` is
 //! waited out (plus jitter, within the policy's `max_delay`) before the next attempt.
+//! The exception are the per-minute metered operations (queries, configurations): their
+//! 429 goes back to the caller with its `Retry-After` ([`Refusal`]), which paces itself.
 //!
 //! A 401 whose `Date` shows this machine's clock off by more than the tolerance is sent
 //! once more at once, signed against the hub's time; the skew is kept for the client's

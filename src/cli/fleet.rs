@@ -164,7 +164,8 @@ fn verdict(statuses: &[RolloutStatus], waited: Option<u64>) -> Result<u8, Failur
             exit::UNAVAILABLE,
             match waited {
                 Some(secs) => format!(
-                    "{pending} gateway(s) still pending after {secs} s ({rejected} rejected)"
+                    "{pending} gateway(s) still pending at the end of --wait {secs} \
+                     ({rejected} rejected)"
                 ),
                 None => format!(
                     "{pending} gateway(s) pending ({rejected} rejected); wait with --wait SECS"
@@ -326,6 +327,10 @@ pub fn render_list(configurations: &[Value]) -> String {
             text("/targetCondition"),
         ));
     }
+    out.push_str(
+        "(the hub's counts at its last evaluation; APPLIED: its values written to the twin. \
+         What the gateways acknowledged: edgetwin fleet status)\n",
+    );
     out
 }
 
@@ -418,7 +423,7 @@ mod tests {
         let timeout = verdict(&[status(2, 1, 1)], Some(60)).unwrap_err();
         assert_eq!(timeout.code, exit::UNAVAILABLE);
         assert!(
-            timeout.message.contains("after 60 s"),
+            timeout.message.contains("at the end of --wait 60"),
             "{}",
             timeout.message
         );
