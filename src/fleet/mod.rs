@@ -70,4 +70,9 @@ impl FleetError {
     fn from_registry(e: RegistryError) -> Self {
         FleetError::Registry(e)
     }
+
+    /// Worth another try later: the hub was unavailable or kept throttling.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, FleetError::Registry(e) if e.is_retryable())
+    }
 }

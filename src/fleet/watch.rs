@@ -35,6 +35,10 @@ pub struct Watched {
 
 /// Polls until [`overall`] is not [`Verdict::Pending`] or `wait` has passed; `on_poll`
 /// sees each poll with the pause before the next one (`None` for the last).
+///
+/// A poll that fails for a reason that may pass (the hub unavailable, throttling that
+/// outlasted the client's retries) is tried again at the next interval while time is
+/// left, once at least one poll succeeded; any other failure ends the wait.
 pub async fn watch<F, Fut>(
     clock: &dyn Clock,
     wait: Duration,
@@ -46,8 +50,28 @@ where
     Fut: Future<Output = Result<Poll, FleetError>>,
 {
     let deadline = clock.now() + wait;
+    let mut previous: Option<Poll> = None;
     loop {
-        let last = poll().await?;
+        let last = match poll().await {
+            Ok(p) => p,
+            Err(e) if e.is_retryable() && previous.is_some() => {
+                // Pace as the last good poll did; the failed one cost at least as much.
+                let last = previous.take().unwrap_or_default();
+                let pause = poll_interval(last.usage.queries, last.usage.configuration_ops);
+                if clock.now() + pause > deadline {
+                    on_poll(&last, None);
+                    return Ok(Watched {
+                        last,
+                        timed_out: true,
+                    });
+                }
+                tracing::warn!(error = %e, "fleet status poll failed; trying again");
+                clock.sleep(pause).await;
+                previous = Some(last);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if overall(&last.statuses) != Verdict::Pending {
             on_poll(&last, None);
             return Ok(Watched {
@@ -65,6 +89,7 @@ where
         }
         on_poll(&last, Some(pause));
         clock.sleep(pause).await;
+        previous = Some(last);
     }
 }
 
@@ -131,6 +156,41 @@ mod tests {
         assert!(watched.timed_out);
         assert_eq!(polls, 3, "at 0, 9 and 18 s");
         assert_eq!(clock.elapsed(), Duration::from_secs(18));
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_hub_between_polls_does_not_end_the_wait() {
+        use crate::registry::RegistryError;
+        let clock = ManualClock::default();
+        let mut script = vec![
+            Ok(poll(2)),
+            Err(FleetError::Registry(RegistryError::Transient("503".into()))),
+            Ok(poll(0)),
+        ]
+        .into_iter();
+        let watched = watch(
+            &clock,
+            Duration::from_secs(60),
+            || std::future::ready(script.next().unwrap()),
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+        assert!(!watched.timed_out);
+        assert_eq!(clock.sleeps(), vec![Duration::from_secs(9); 2]);
+        // Before any poll succeeded, the same failure ends the wait.
+        let failed = watch(
+            &clock,
+            Duration::from_secs(60),
+            || {
+                std::future::ready(Err(FleetError::Registry(RegistryError::Transient(
+                    "503".into(),
+                ))))
+            },
+            |_, _| {},
+        )
+        .await;
+        assert!(failed.is_err());
     }
 
     #[tokio::test]
