@@ -16,7 +16,10 @@
 //! - [`logging`]: tracing to journald or stderr, reloadable level.
 //! - [`agent`]: sole owner of the runtime state: applies, persists, acknowledges,
 //!   telemetry, direct methods, change hook.
-//! - [`registry`]: the service REST client (registry, twins, methods).
+//! - [`registry`]: the service REST client (registry, twins, methods, queries,
+//!   configurations).
+//! - [`fleet`]: rollouts to many gateways as IoT Hub module configurations, their status
+//!   from twin queries, within the hub's quotas.
 //! - [`provision`]: create/fetch the device and module identities, store `module.connstr`
 //!   (typed errors, no printing).
 //! - [`cli`]: the command line: clap definitions, the commands (`run`, `check-config`,
@@ -28,6 +31,7 @@ pub mod app;
 pub mod aziot;
 pub mod cli;
 pub mod config;
+pub mod fleet;
 pub mod hub;
 pub mod identity;
 pub mod logging;

@@ -20,7 +20,10 @@ fn main() -> ExitCode {
         }
     };
     // The daemon sets up its logging from its configuration; check-config only prints.
-    if matches!(command, Command::Provision(_) | Command::Twin(_)) {
+    if matches!(
+        command,
+        Command::Provision(_) | Command::Twin(_) | Command::Fleet(_)
+    ) {
         init_logging();
     }
     ExitCode::from(edgetwin::cli::dispatch(command))

@@ -13,6 +13,8 @@
 //! A PATCH with `If-Match: "*"` and a direct-method POST are repeated only when the hub
 //! cannot have acted on them: 429, or no connection made. A 429's `Retry-After` is
 //! waited out (plus jitter, within the policy's `max_delay`) before the next attempt.
+//! The exception are the per-minute metered operations (queries, configurations): their
+//! 429 goes back to the caller with its `Retry-After` ([`Refusal`]), which paces itself.
 //!
 //! A 401 whose `Date` shows this machine's clock off by more than the tolerance is sent
 //! once more at once, signed against the hub's time; the skew is kept for the client's
@@ -21,14 +23,19 @@
 //! - `auth`: [`RegistryAuth`], the token each request carries.
 //! - `errors`: [`RegistryError`], [`ClientSetupError`], the hub's error bodies.
 //! - `request`: one operation on the wire, with its retries.
+//! - `configurations`: twin queries and automatic configurations, whose 429s the caller
+//!   paces (they are metered per minute).
 
 mod auth;
+mod configurations;
 mod errors;
 mod request;
 
 pub use auth::{hub_host_name, RegistryAuth};
+pub use configurations::{QueryPage, MAX_PAGE};
 pub(crate) use errors::without_url;
 pub use errors::{error_message, ClientSetupError, RegistryError};
+pub use request::Refusal;
 
 use std::path::Path;
 use std::sync::atomic::AtomicI64;
@@ -373,8 +380,21 @@ impl RegistryClient {
         desired: &Value,
         etag: Option<&str>,
     ) -> Result<Value, RegistryError> {
-        let path = format!("/twins/{}/modules/{}", seg(device_id), seg(module_id));
         let body = json!({ "properties": { "desired": desired } });
+        self.patch_module_twin(device_id, module_id, &body, etag)
+            .await
+    }
+
+    /// PATCH a twin fragment (`{"tags": {...}, "properties": {"desired": {...}}}`): both
+    /// merge, `null` removes. Conditional on `etag` as [`Self::patch_desired`].
+    pub async fn patch_module_twin(
+        &self,
+        device_id: &str,
+        module_id: &str,
+        body: &Value,
+        etag: Option<&str>,
+    ) -> Result<Value, RegistryError> {
+        let path = format!("/twins/{}/modules/{}", seg(device_id), seg(module_id));
         let if_match = quoted(etag);
         let repeat = match etag {
             Some(e) if e.trim_matches('"') != "*" => Repeat::Safe,
@@ -383,7 +403,7 @@ impl RegistryClient {
         self.call(
             reqwest::Method::PATCH,
             &path,
-            Some(&body),
+            Some(body),
             Some(&if_match),
             repeat,
         )

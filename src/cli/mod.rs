@@ -7,9 +7,13 @@
 //!   `edgetwin check-config`.
 //! - [`provision`]: `edgetwin provision`.
 //! - [`twin`]: `edgetwin twin show` / `twin set` (service side, etag-guarded PATCH).
+//! - [`fleet`]: `edgetwin fleet apply|status|list|remove|query` (module configurations).
+//! - [`service`]: the service connection string and CA both of those use.
 
+pub mod fleet;
 pub mod provision;
 pub mod run;
+pub mod service;
 pub mod twin;
 
 use std::path::{Path, PathBuf};
@@ -18,6 +22,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::app::AppError;
 use crate::aziot::AziotError;
+use crate::fleet::FleetError;
 use crate::provision::dps::DpsError;
 use crate::provision::ProvisionError;
 use crate::registry::{ClientSetupError, RegistryError};
@@ -68,6 +73,27 @@ impl From<ClientSetupError> for Failure {
             ClientSetupError::ConnectionString(_) | ClientSetupError::CaFile { .. } => exit::CONFIG,
         };
         Failure::new(code, e.to_string())
+    }
+}
+
+impl From<FleetError> for Failure {
+    fn from(e: FleetError) -> Self {
+        Failure::new(fleet_exit_code(&e), e.to_string())
+    }
+}
+
+/// The sysexits code for a fleet error: a rollout that cannot be built is usage (64);
+/// what the hub refused, or a name it does not know, is bad data (65).
+pub fn fleet_exit_code(e: &FleetError) -> u8 {
+    match e {
+        FleetError::Spec(_) => exit::USAGE,
+        FleetError::Exists { .. }
+        | FleetError::Refused { .. }
+        | FleetError::TooMany { .. }
+        | FleetError::NotFound(_)
+        | FleetError::NotARollout(_)
+        | FleetError::Query(_) => exit::DATA,
+        FleetError::Registry(e) => registry_exit_code(e),
     }
 }
 
@@ -161,6 +187,7 @@ pub fn dispatch(command: Command) -> u8 {
             Command::Run(args) => run::daemon(args.config).await,
             Command::Provision(args) => provision::run(args).await,
             Command::Twin(command) => twin::run(command).await,
+            Command::Fleet(command) => fleet::run(command).await,
             Command::CheckConfig(_) => exit::USAGE,
         }
     })
@@ -197,6 +224,9 @@ pub enum Command {
     /// Service side: show or change a module twin.
     #[command(subcommand)]
     Twin(TwinCommand),
+    /// Service side: roll desired values out to many gateways, and follow them.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig(ConfigArg),
 }
@@ -228,8 +258,10 @@ pub struct ProvisionArgs {
     pub ca_file: Option<PathBuf>,
 }
 
+/// Where the service side finds the hub: the credential and the trust anchors
+/// (`twin` and `fleet`, resolved by [`service::connect`]).
 #[derive(Debug, Args)]
-pub struct ServiceArgs {
+pub struct HubArgs {
     /// Service (policy) connection string; prefer the environment variable to keep it out
     /// of the process list.
     #[arg(
@@ -244,6 +276,12 @@ pub struct ServiceArgs {
     /// Configuration file to take the service credential and ca_file from.
     #[arg(long, short, value_name = "PATH")]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    #[command(flatten)]
+    pub hub: HubArgs,
     #[arg(long)]
     pub device: String,
     #[arg(long)]
@@ -267,6 +305,10 @@ pub enum TwinCommand {
         /// A whole desired patch as JSON, for nested values.
         #[arg(long, value_name = "JSON")]
         patch: Option<String>,
+        /// Tags to merge into the twin, as a JSON object (`null` removes a tag); how
+        /// fleets are targeted (`fleet apply --target "tags.site = 'north'"`).
+        #[arg(long, value_name = "JSON")]
+        tags: Option<String>,
         /// Wait until the module's reported acks show the new version.
         #[arg(long, value_name = "SECS")]
         wait_ack: Option<u64>,
@@ -276,9 +318,73 @@ pub enum TwinCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Roll desired values out to every gateway the target picks: an IoT Hub module
+    /// configuration (content is immutable: a new value is a new NAME, higher priority).
+    Apply {
+        #[command(flatten)]
+        hub: HubArgs,
+        /// The configuration's name (its IoT Hub id: lowercase letters, digits, -_:...).
+        name: String,
+        /// WHERE clause picking the gateways, e.g. "tags.site = 'north'".
+        #[arg(long, value_name = "WHERE")]
+        target: String,
+        /// The module id the gateways run edgetwin as (default: the config's
+        /// provisioning.module_id, else `edgetwin`).
+        #[arg(long, value_name = "M")]
+        module: Option<String>,
+        /// Highest wins per property (default: one above the configurations that set the
+        /// same properties, or 10).
+        #[arg(long, value_name = "N", allow_negative_numbers = true)]
+        priority: Option<i64>,
+        /// Properties to set, as key=value (JSON values, else strings).
+        #[arg(value_name = "KEY=VALUE")]
+        assignments: Vec<String>,
+    },
+    /// Targeted / applied / rejected / pending per rollout, and who rejected why.
+    Status {
+        #[command(flatten)]
+        hub: HubArgs,
+        /// One rollout (default: every rollout in the hub).
+        name: Option<String>,
+        /// Poll until nothing is pending, at most SECS (at the pace the hub's quota allows).
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+        /// Print the statuses as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The hub's configurations.
+    List {
+        #[command(flatten)]
+        hub: HubArgs,
+        /// Print them as the hub returns them, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a configuration (twins keep its values until another one sets them).
+    Remove {
+        #[command(flatten)]
+        hub: HubArgs,
+        name: String,
+    },
+    /// Run a twin query (IoT Hub query language), following every page.
+    Query {
+        #[command(flatten)]
+        hub: HubArgs,
+        /// e.g. "SELECT deviceId, properties.reported.telemetryInterval FROM devices.modules"
+        query: String,
+        /// Print the rows as one JSON array (default: one JSON row per line).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fleet::SpecError;
     use clap::CommandFactory;
 
     #[test]
@@ -300,6 +406,38 @@ mod tests {
         ] {
             assert_eq!(code(retryable), exit::UNAVAILABLE);
         }
+    }
+
+    #[test]
+    fn fleet_errors_map_to_sysexits() {
+        let code = |e| fleet_exit_code(&e);
+        assert_eq!(code(FleetError::Spec(SpecError::NoSettings)), exit::USAGE);
+        assert_eq!(
+            code(FleetError::Exists {
+                name: "a".into(),
+                priority: Some(10),
+                next: 11
+            }),
+            exit::DATA
+        );
+        assert_eq!(
+            code(FleetError::Refused {
+                name: "a".into(),
+                message: "x".into()
+            }),
+            exit::DATA
+        );
+        assert_eq!(code(FleetError::Query("x".into())), exit::DATA);
+        assert_eq!(
+            code(FleetError::Registry(RegistryError::Throttled("x".into()))),
+            exit::UNAVAILABLE
+        );
+        assert_eq!(
+            code(FleetError::Registry(RegistryError::Unauthorized(
+                "x".into()
+            ))),
+            exit::NOPERM
+        );
     }
 
     #[test]

@@ -2,19 +2,16 @@
 //! module twin, over [`RegistryClient`]. The replacement for the tutorial's
 //! UpdateModuleTwinDesiredProperties.py.
 //!
-//! The service connection string comes from `--hub-connection-string`, the environment
-//! variable `EDGETWIN_SERVICE_CONNECTION_STRING` (both through clap), or the config's
-//! `[provisioning]` credentials; extra trust anchors from `--ca-file` or `hub.ca_file`.
-//! Every failure is a [`Failure`] carrying its sysexits code, printed once by [`run`].
+//! The service connection string and the CA come through [`service::connect`] (shared
+//! with `fleet`). `twin set --tags` merges tags too: how gateways are picked for a fleet
+//! rollout. Every failure is a [`Failure`] carrying its sysexits code, printed once by [`run`].
 //! Nothing here ever prints a key, token or connection string.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::{exit, Failure, ServiceArgs, TwinCommand};
-use crate::config::Settings;
+use super::{exit, service, Failure, ServiceArgs, TwinCommand};
 use crate::registry::{RegistryClient, RegistryError};
 
 /// How often `--wait-ack` reads the twin.
@@ -27,9 +24,19 @@ pub async fn run(command: TwinCommand) -> u8 {
         TwinCommand::Set {
             service,
             patch,
+            tags,
             wait_ack,
             assignments,
-        } => set(&service, patch.as_deref(), wait_ack, &assignments).await,
+        } => {
+            set(
+                &service,
+                patch.as_deref(),
+                tags.as_deref(),
+                wait_ack,
+                &assignments,
+            )
+            .await
+        }
     };
     match result {
         Ok(code) => code,
@@ -42,7 +49,7 @@ pub async fn run(command: TwinCommand) -> u8 {
 
 /// `twin show`: the twin in readable form, or the raw document with `--json`.
 pub async fn show(service: &ServiceArgs, json: bool) -> Result<u8, Failure> {
-    let client = service_client(service)?;
+    let client = service::connect(&service.hub)?.client;
     let twin = client
         .get_module_twin(&service.device, &service.module)
         .await?;
@@ -56,23 +63,39 @@ pub async fn show(service: &ServiceArgs, json: bool) -> Result<u8, Failure> {
     Ok(exit::OK)
 }
 
-/// `twin set`: PATCH desired with the twin's etag (one retry on 412), print the new
-/// desired `$version`, optionally wait for the module's acknowledgements.
+/// `twin set`: PATCH desired (and tags) with the twin's etag (one retry on 412), print
+/// the new desired `$version`, optionally wait for the module's acknowledgements.
 pub async fn set(
     service: &ServiceArgs,
     patch: Option<&str>,
+    tags: Option<&str>,
     wait_ack: Option<u64>,
     assignments: &[String],
 ) -> Result<u8, Failure> {
-    let patch = build_patch(patch, assignments).map_err(|m| Failure::new(exit::USAGE, m))?;
-    let client = service_client(service)?;
+    let usage = |m| Failure::new(exit::USAGE, m);
+    let tags = tags.map(parse_tags).transpose().map_err(usage)?;
+    let patch = match (&tags, patch, assignments) {
+        (Some(_), None, []) => Map::new(),
+        _ => build_patch(patch, assignments).map_err(usage)?,
+    };
+    let client = service::connect(&service.hub)?.client;
     let (device, module) = (service.device.as_str(), service.module.as_str());
-    let desired_patch = Value::Object(patch.clone());
+    let mut body = Map::new();
+    if let Some(tags) = &tags {
+        body.insert("tags".into(), Value::Object(tags.clone()));
+    }
+    if !patch.is_empty() {
+        body.insert(
+            "properties".into(),
+            serde_json::json!({ "desired": patch.clone() }),
+        );
+    }
+    let body = Value::Object(body);
 
     let twin = client.get_module_twin(device, module).await?;
     let etag = etag_of(&twin)?;
     let updated = match client
-        .patch_desired(device, module, &desired_patch, Some(&etag))
+        .patch_module_twin(device, module, &body, Some(&etag))
         .await
     {
         Err(RegistryError::PreconditionFailed(_)) => {
@@ -80,11 +103,18 @@ pub async fn set(
             let twin = client.get_module_twin(device, module).await?;
             let etag = etag_of(&twin)?;
             client
-                .patch_desired(device, module, &desired_patch, Some(&etag))
+                .patch_module_twin(device, module, &body, Some(&etag))
                 .await?
         }
         other => other?,
     };
+    if tags.is_some() {
+        let now = updated.get("tags").cloned().unwrap_or(Value::Null);
+        println!("tags {now}");
+    }
+    if patch.is_empty() {
+        return Ok(exit::OK);
+    }
     let desired = updated
         .pointer("/properties/desired")
         .and_then(Value::as_object)
@@ -254,6 +284,16 @@ pub fn build_patch(
     Ok(out)
 }
 
+/// `--tags`: a JSON object merged into the twin's tags (`null` removes one).
+pub fn parse_tags(text: &str) -> Result<Map<String, Value>, String> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) if !map.is_empty() => Ok(map),
+        Ok(Value::Object(_)) => Err("--tags is empty: give at least one tag".into()),
+        Ok(_) => Err("--tags must be a JSON object, e.g. '{\"site\": \"north\"}'".into()),
+        Err(e) => Err(format!("--tags is not valid JSON: {e}")),
+    }
+}
+
 fn parse_assignment(text: &str) -> Result<(String, Value), String> {
     let bad = |why: &str| format!("bad assignment `{text}`: {why}");
     let (key, value) = text
@@ -311,51 +351,6 @@ fn etag_of(twin: &Value) -> Result<String, Failure> {
         .ok_or_else(|| Failure::new(exit::DATA, "the hub's twin has no etag"))
 }
 
-/// The service client for `twin show/set`: credential from the flag/environment or the
-/// config, CA from `--ca-file` or `hub.ca_file`.
-fn service_client(args: &ServiceArgs) -> Result<RegistryClient, Failure> {
-    // The config is needed when a flag is missing; an explicit --config must load.
-    let settings = match (&args.config, &args.hub_connection_string, &args.ca_file) {
-        (Some(path), _, _) => Some(load_settings(Some(path))?),
-        (None, Some(_), Some(_)) => None,
-        (None, Some(_), None) => Settings::load(None).ok(),
-        (None, None, _) => Some(load_settings(None)?),
-    };
-    let connstr = match &args.hub_connection_string {
-        Some(text) => text.trim().to_owned(),
-        None => settings
-            .as_ref()
-            .map(Settings::service_credentials)
-            .transpose()
-            .map_err(|e| Failure::new(exit::CONFIG, e.to_string()))?
-            .flatten()
-            .ok_or_else(|| {
-                Failure::new(
-                    exit::CONFIG,
-                    "no service connection string: give --hub-connection-string, set \
-                     EDGETWIN_SERVICE_CONNECTION_STRING, or configure \
-                     provisioning.service_connection_string_file",
-                )
-            })?,
-    };
-    let ca_file = args.ca_file.clone().or_else(|| {
-        settings
-            .as_ref()?
-            .hub
-            .ca_file
-            .as_ref()
-            .map(|ca| ca.path().to_owned())
-    });
-    Ok(RegistryClient::from_connection_string(
-        &connstr,
-        ca_file.as_deref(),
-    )?)
-}
-
-fn load_settings(path: Option<&Path>) -> Result<Settings, Failure> {
-    Settings::load(path).map_err(|e| Failure::new(exit::CONFIG, e.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,6 +379,17 @@ mod tests {
             json!({"telemetryInterval": 122, "name": "gateway one", "flags": {"a": true},
                    "old": null, "quoted": "7", "eq": "a=b"})
         );
+    }
+
+    #[test]
+    fn tags_are_a_json_object() {
+        assert_eq!(
+            Value::Object(parse_tags(r#"{"site": "north", "old": null}"#).unwrap()),
+            json!({"site": "north", "old": null})
+        );
+        for bad in ["[1]", "{", "\"x\"", "{}"] {
+            assert!(parse_tags(bad).unwrap_err().contains("--tags"), "{bad}");
+        }
     }
 
     #[test]

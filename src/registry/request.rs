@@ -22,12 +22,30 @@ impl RegistryClient {
         if_match: Option<&str>,
         repeat: Repeat,
     ) -> Result<Value, RegistryError> {
+        let call = Call {
+            method: &method,
+            path,
+            body,
+            if_match,
+            repeat,
+            headers: &[],
+            throttling: Throttling::Retry,
+        };
+        self.exchange(&call)
+            .await
+            .map(|answer| answer.body)
+            .map_err(|refusal| refusal.error)
+    }
+
+    /// [`Self::call`] with extra request headers, the answer's headers kept, and a 429
+    /// either retried here or handed back with its `Retry-After` ([`Throttling`]).
+    pub(super) async fn exchange(&self, call: &Call<'_>) -> Result<Answer, Refusal> {
         let started = tokio::time::Instant::now();
         let mut attempt = 1;
         let mut clock_corrected = None;
         loop {
-            let mut failure = match self.attempt(&method, path, body, if_match).await {
-                Ok(value) => return Ok(value),
+            let mut failure = match self.attempt(call).await {
+                Ok(answer) => return Ok(answer),
                 Err(failure) => failure,
             };
             if let RegistryError::Unauthorized(message) = &mut failure.error {
@@ -53,19 +71,25 @@ impl RegistryClient {
                 }
             }
             let retryable = match &failure.error {
-                RegistryError::Throttled(_) => true,
-                RegistryError::Transient(_) => repeat == Repeat::Safe || failure.unprocessed,
+                RegistryError::Throttled(_) => call.throttling == Throttling::Retry,
+                RegistryError::Transient(_) => call.repeat == Repeat::Safe || failure.unprocessed,
                 _ => false,
             };
             if !retryable {
-                return Err(failure.error);
+                return Err(Refusal {
+                    error: failure.error,
+                    retry_after: failure.retry_after,
+                });
             }
             let pause = failure
                 .retry_after
                 .map(|d| self.retry.after(d))
                 .unwrap_or_else(|| self.retry.delay(attempt - 1));
             if attempt >= self.retry.attempts || started.elapsed() + pause > self.retry.total {
-                return Err(failure.error.after_attempts(attempt));
+                return Err(Refusal {
+                    error: failure.error.after_attempts(attempt),
+                    retry_after: failure.retry_after,
+                });
             }
             tracing::warn!(
                 error = %failure.error,
@@ -79,16 +103,19 @@ impl RegistryClient {
     }
 
     /// One request.
-    async fn attempt(
-        &self,
-        method: &reqwest::Method,
-        path: &str,
-        body: Option<&Value>,
-        if_match: Option<&str>,
-    ) -> Result<Value, AttemptFailure> {
+    async fn attempt(&self, call: &Call<'_>) -> Result<Answer, AttemptFailure> {
+        let Call {
+            method,
+            path,
+            body,
+            if_match,
+            ..
+        } = *call;
         let signer = SkewedClock::system(self.skew_secs.load(Ordering::Relaxed));
         let expiry = signer.expiry(TOKEN_TTL);
-        let url = format!("{}{}?api-version={API_VERSION}", self.base, path);
+        // A path may carry its own query (`/configurations?top=100`).
+        let separator = if path.contains('?') { '&' } else { '?' };
+        let url = format!("{}{path}{separator}api-version={API_VERSION}", self.base);
         let mut req = self
             .http
             .request(method.clone(), &url)
@@ -102,6 +129,9 @@ impl RegistryClient {
         }
         if let Some(m) = if_match {
             req = req.header("If-Match", m);
+        }
+        for (name, value) in call.headers {
+            req = req.header(*name, value);
         }
         let resp = req.send().await.map_err(|e| AttemptFailure {
             unprocessed: e.is_connect(),
@@ -134,6 +164,7 @@ impl RegistryClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        let headers = resp.headers().clone();
         let text = resp.text().await.map_err(|e| {
             AttemptFailure::from(RegistryError::Transient(format!(
                 "{method} {path}: reading the body: {}",
@@ -142,13 +173,18 @@ impl RegistryClient {
         })?;
         if status.is_success() {
             if text.trim().is_empty() {
-                return Ok(Value::Null);
+                return Ok(Answer {
+                    body: Value::Null,
+                    headers,
+                });
             }
-            return serde_json::from_str(&text).map_err(|e| {
-                AttemptFailure::from(RegistryError::Invalid(format!(
-                    "{method} {path}: hub answered non-JSON: {e}"
-                )))
-            });
+            return serde_json::from_str(&text)
+                .map(|body| Answer { body, headers })
+                .map_err(|e| {
+                    AttemptFailure::from(RegistryError::Invalid(format!(
+                        "{method} {path}: hub answered non-JSON: {e}"
+                    )))
+                });
         }
         let message = format!(
             "{method} {path}: {}",
@@ -170,6 +206,43 @@ impl RegistryClient {
             hub_clock: hub_clock.filter(|_| status.as_u16() == 401),
         })
     }
+}
+
+/// One operation as [`RegistryClient::exchange`] sends it.
+pub(super) struct Call<'a> {
+    pub method: &'a reqwest::Method,
+    pub path: &'a str,
+    pub body: Option<&'a Value>,
+    pub if_match: Option<&'a str>,
+    pub repeat: Repeat,
+    /// Request headers beyond authorisation, content type and `If-Match`.
+    pub headers: &'a [(&'static str, String)],
+    pub throttling: Throttling,
+}
+
+/// Who waits out a 429.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Throttling {
+    /// The client, within its [`super::RetryPolicy`].
+    Retry,
+    /// The caller: quota-metered operations (queries, configurations) are paced by a
+    /// policy of their own, so the first 429 comes back with its `Retry-After`.
+    Return,
+}
+
+/// A successful answer: the body (`null` when empty) and the response headers.
+#[derive(Debug)]
+pub struct Answer {
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+/// A failed operation: the error, and the `Retry-After` of the last answer if it had one.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Refusal {
+    pub error: RegistryError,
+    pub retry_after: Option<Duration>,
 }
 
 /// A failed attempt, with what the retry decision needs.
