@@ -202,9 +202,8 @@ async fn a_module_re_created_in_the_hub_is_followed_with_its_new_key_and_acks_ag
         .expect("module re-created");
     assert_ne!(edge.generation(), before, "a new generation");
     edge.wait_connected().await;
-    // The new twin's versions start again at 1; the patch goes after the daemon read it,
-    // or its $version could equal the old twin's last one (the agent then takes the twin
-    // for the one it has: see the report of issue 15).
+    // The new twin's versions start again at 1 (its desired $version may equal the old
+    // twin's; the agent tells them apart by the reported $version going back: twin::apply).
     edge.wait_for("the new twin read", |e| {
         matches!(e, SimEvent::TwinGet { status: 200, .. })
     })

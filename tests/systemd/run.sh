@@ -17,7 +17,10 @@
 #        /var/lib/edgetwin/module.connstr, the device key removed before the start;
 #      C first boot with a service key (/etc/edgetwin/service.connstr);
 #      D first boot with a device key (/etc/edgetwin/device.connstr);
-#      each: systemctl start -> connected -> a patch acked -> no secret in the journal
+#      E first boot with DPS (the emulator's enrollment group key);
+#      each: systemctl start -> connected -> a patch acked -> no secret in the journal;
+#      F an IoT Edge host: [aziot] with the emulator's identityd/keyd sockets, the packaged
+#        principal example and unit drop-in; the module re-created in the hub is followed
 #   6. dpkg -r keeps the state, dpkg -P removes it
 #
 # Runs as root on a host whose PID 1 need not be systemd (cgroup v1 hybrid works). The
@@ -267,11 +270,12 @@ ok "systemd-analyze security --offline=true --threshold=$THRESHOLD (2.0) inside:
 # ---- the emulator and the configuration ------------------------------------------------
 say "edgetwin-sim as a helper unit; provision; configure"
 # start_sim: the emulator as a transient unit (again after it was stopped), state kept.
+# Extra arguments go to `edgetwin-sim serve` (path F: --aziot).
 start_sim() {
     local cur
     cur=$(cursor_now)
     in_ct systemd-run --quiet --unit=edgetwin-sim --property=Type=exec \
-        /mnt/edgetwin/edgetwin-sim serve --mqtt 127.0.0.1:8883 --https 127.0.0.1:8443 --state /var/lib/edgetwin-sim
+        /mnt/edgetwin/edgetwin-sim serve --mqtt 127.0.0.1:8883 --https 127.0.0.1:8443 --state /var/lib/edgetwin-sim "$@"
     sim_ready() { in_ct journalctl --no-pager -u edgetwin-sim.service --after-cursor="$cur" | grep -q "edgetwin-sim ready"; }
     wait_until 20 "edgetwin-sim ready" sim_ready
 }
@@ -502,20 +506,13 @@ print(f"HostName={host};DeviceId={device};SharedAccessKey={doc['authentication']
 PY
 }
 
-# first_boot PATH DEVICE CURSOR: systemctl start -> active -> connected as DEVICE/edgetwin ->
-# a patch acked (patch_applied in the journal) -> no secret anywhere in the journal.
-first_boot() {
-    local path=$1 device=$2 cur=$3 t version connected_s
-    t=$(date +%s.%N)
-    in_ct systemctl start "$UNIT" || fail "$path: systemctl start"
-    is_active || fail "$path: not active after start"
-    wait_until 30 "$path: connected as $device/edgetwin" status_has "connected to localhost as $device/edgetwin"
-    connected_s=$(elapsed "$t")
-    [ "$(in_ct stat -c '%U %a' /var/lib/edgetwin/module.connstr)" = "edgetwin 600" ] ||
-        fail "$path: /var/lib/edgetwin/module.connstr is not edgetwin 0600"
-    collect_secrets /var/lib/edgetwin/module.connstr
+# patch_acked PATH DEVICE CURSOR VALUE: edgetwin twin set --wait-ack -> acknowledged ->
+# patch_applied with that $version in the journal -> no secret anywhere in the journal.
+# Sets PATCH_VERSION.
+patch_acked() {
+    local path=$1 device=$2 cur=$3 value=$4 version
     in_ct edgetwin twin set --config /root/service.toml --device "$device" --module edgetwin \
-        telemetryInterval=3 --wait-ack 20 >"$WORK/twin-$path.log" 2>&1 || { cat "$WORK/twin-$path.log"; fail "$path: twin set"; }
+        "telemetryInterval=$value" --wait-ack 20 >"$WORK/twin-$path.log" 2>&1 || { cat "$WORK/twin-$path.log"; fail "$path: twin set"; }
     grep -q "^acknowledged by $device/edgetwin" "$WORK/twin-$path.log" || fail "$path: no ack"
     version=$(sed -n 's/^desired \$version \([0-9]*\)$/\1/p' "$WORK/twin-$path.log")
     path_applied() {
@@ -524,7 +521,23 @@ first_boot() {
     }
     wait_until 10 "$path: patch_applied v$version" path_applied
     no_secrets
-    ok "$path: started, connected as $device/edgetwin in $connected_s s, patch v$version acked; no secret in the journal"
+    PATCH_VERSION=$version
+}
+
+# first_boot PATH DEVICE CURSOR: systemctl start -> active -> connected as DEVICE/edgetwin ->
+# the module credential in the state dir -> a patch acked (patch_acked).
+first_boot() {
+    local path=$1 device=$2 cur=$3 t connected_s
+    t=$(date +%s.%N)
+    in_ct systemctl start "$UNIT" || fail "$path: systemctl start"
+    is_active || fail "$path: not active after start"
+    wait_until 30 "$path: connected as $device/edgetwin" status_has "connected to localhost as $device/edgetwin"
+    connected_s=$(elapsed "$t")
+    [ "$(in_ct stat -c '%U %a' /var/lib/edgetwin/module.connstr)" = "edgetwin 600" ] ||
+        fail "$path: /var/lib/edgetwin/module.connstr is not edgetwin 0600"
+    collect_secrets /var/lib/edgetwin/module.connstr
+    patch_acked "$path" "$device" "$cur" 3
+    ok "$path: started, connected as $device/edgetwin in $connected_s s, patch v$PATCH_VERSION acked; no secret in the journal"
 }
 
 # B. `edgetwin provision` as the service user (with this device's key), then start.
@@ -583,6 +596,48 @@ if in_ct grep -q -F -f /root/secrets /var/lib/edgetwin/provisioning.json; then
     fail "E: provisioning.json holds a key"
 fi
 ok "E: registered with DPS as gw-dps ($DPS_SCOPE at $DPS_ENDPOINT); provisioning.json without a key"
+
+# F. An IoT Edge host: the identity from aziot-identityd, every SAS token signed by
+# aziot-keyd (the emulator's, on /run/aziot with IoT Edge's owners and modes), with the
+# packaged principal example and unit drop-in and the groups the drop-in names. No key
+# reaches the gateway's disk; a module re-created in the hub is followed.
+reset_identity
+CUR=$(cursor_now)
+in_ct sh -euc '
+    for u in aziotid aziotks; do
+        id -u "$u" >/dev/null 2>&1 || useradd --system --user-group --no-create-home --shell /usr/sbin/nologin "$u"
+    done
+    mkdir -p /etc/aziot/identityd/config.d /etc/systemd/system/edgetwin.service.d
+    sed "s/<UID>/$(id -u edgetwin)/" /usr/share/doc/edgetwin/examples/aziot/edgetwin.toml >/root/principal.toml
+    install -o aziotid -g aziotid -m 0600 /root/principal.toml /etc/aziot/identityd/config.d/edgetwin.toml
+    install -m 0644 /usr/share/doc/edgetwin/examples/aziot/aziot.conf /etc/systemd/system/edgetwin.service.d/
+    systemctl daemon-reload'
+in_ct systemctl stop edgetwin-sim.service
+start_sim --aziot /run/aziot --aziot-principal-uid "$(in_ct id -u edgetwin)"
+in_ct sh -euc 'chgrp aziotid /run/aziot/identityd.sock; chgrp aziotks /run/aziot/keyd.sock
+    chmod 0660 /run/aziot/identityd.sock /run/aziot/keyd.sock'
+identity_config $'[aziot]\nenabled = true'
+T_F=$(date +%s.%N)
+in_ct systemctl start "$UNIT" || fail "F: systemctl start"
+wait_until 30 "F: connected as edge-gw/edgetwin" status_has "connected to localhost as edge-gw/edgetwin"
+ok "F: started with the drop-in (groups aziotid, aziotks under PrivateUsers=yes), connected as edge-gw/edgetwin in $(elapsed "$T_F") s"
+in_ct test ! -e /var/lib/edgetwin/module.connstr || fail "F: a module credential was written to the state dir"
+has_event aziot_identity "$CUR" || fail "F: no aziot_identity event"
+patch_acked F-aziot edge-gw "$CUR" 4
+ok "F: patch v$PATCH_VERSION acked; no module.connstr; no secret in the journal"
+# Deleted and created again in the hub (SIGUSR1 to the emulator): a new generation and key
+# handle; the daemon follows it at its next connect and acks on the new twin.
+CUR=$(cursor_now)
+in_ct systemctl kill --kill-whom=main -s USR1 edgetwin-sim.service
+recreated() { in_ct journalctl --no-pager -u edgetwin-sim.service --after-cursor="$CUR" | grep -q "aziot: module re-created"; }
+wait_until 10 "F: the emulator re-created the module" recreated
+regenerated() { has_event module_regenerated "$CUR"; }
+wait_until 60 "F: module_regenerated" regenerated
+patch_acked F-aziot-recreated edge-gw "$CUR" 5
+is_active || fail "F: not active after the module was re-created"
+ok "F: module re-created in the hub; followed (module_regenerated), patch v$PATCH_VERSION acked on the new twin"
+in_ct rm -f /etc/systemd/system/edgetwin.service.d/aziot.conf
+in_ct systemctl daemon-reload
 
 # ---- 6. remove, purge ----------------------------------------------------------------------
 say "6. dpkg -r keeps the state; dpkg -P removes it"
