@@ -23,6 +23,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::errors::HubError;
 use super::persist::{self, PersistedHub, Snapshot, Writer};
+use super::throttle::{self, Admission, Throttle, Tier};
 use super::twin_doc::timestamp;
 use edgetwin::identity::SharedKey;
 
@@ -130,6 +131,10 @@ pub enum SimEvent {
         module: ModuleKey,
         status: i32,
     },
+    /// An operation was refused by the tier's throttle (429, or a CONNECT closed).
+    Throttled {
+        kind: throttle::Kind,
+    },
 }
 
 /// One device-to-cloud message as the hub stored it.
@@ -220,6 +225,8 @@ pub(super) struct Inner {
     pub(super) rest_authority: Mutex<Option<String>>,
     pub(super) state: Mutex<State>,
     pub(super) events: broadcast::Sender<SimEvent>,
+    /// The tier's throttles; apart from `state` so REST need not take the state lock.
+    pub(super) throttle: Mutex<Throttle>,
 }
 
 /// Handle to script faults on a running hub.
@@ -350,6 +357,7 @@ impl Hub {
                     twin_requests: 0,
                 }),
                 events,
+                throttle: Mutex::new(Throttle::default()),
             }),
         })
     }
@@ -411,6 +419,33 @@ impl Hub {
             "HostName={};DeviceId={device_id};ModuleId={module_id};SharedAccessKey={}",
             self.inner.hub_name, m.primary_key
         ))
+    }
+
+    /// Meters operations at `tier`'s published rates from now on (full buckets, counts
+    /// reset); [`Tier::Off`] meters nothing.
+    pub fn set_throttle(&self, tier: Tier, units: u32) {
+        *lock(&self.inner.throttle) = Throttle::new(tier, units, std::time::Instant::now());
+    }
+
+    /// The tier and units being enforced.
+    pub fn throttle_tier(&self) -> (Tier, u32) {
+        let t = lock(&self.inner.throttle);
+        (t.tier(), t.units())
+    }
+
+    /// Operations accepted, delayed and throttled per kind since the tier was set.
+    pub fn throttle_counts(&self) -> throttle::Counts {
+        lock(&self.inner.throttle).counts()
+    }
+
+    /// Asks the tier's throttle about one operation of `kind` arriving now; a refusal is
+    /// announced as [`SimEvent::Throttled`].
+    pub fn admit(&self, kind: throttle::Kind) -> Admission {
+        let admission = lock(&self.inner.throttle).admit(kind, std::time::Instant::now());
+        if admission == Admission::Throttled {
+            self.emit(SimEvent::Throttled { kind });
+        }
+        admission
     }
 
     pub(super) fn state(&self) -> MutexGuard<'_, State> {

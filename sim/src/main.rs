@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use edgetwin_sim::{Sim, SimConfig};
+use edgetwin_sim::{Sim, SimConfig, Tier};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -43,6 +43,12 @@ struct ServeArgs {
     /// State directory (registry, twins, certificates); a new temporary one by default.
     #[arg(long, value_name = "DIR")]
     state: Option<PathBuf>,
+    /// Throttle operations at this IoT Hub tier's published rates (off, free, s1, s2, s3).
+    #[arg(long, value_name = "TIER", default_value = "off")]
+    tier: Tier,
+    /// Units of the tier (rates given per unit scale with it).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    units: u32,
 }
 
 fn main() -> ExitCode {
@@ -89,6 +95,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         state_dir,
     })
     .await?;
+    sim.set_throttle(args.tier, args.units);
     println!("state directory: {}", sim.state_dir().display());
     println!("CA certificate:  {}", sim.ca_path().display());
     println!(
@@ -104,7 +111,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         sim.hub_name()
     );
     wait_for_stop_signal().await?;
+    let counts = sim.throttle_counts();
     sim.shutdown().await;
+    print!("{counts}");
     Ok(())
 }
 
@@ -138,5 +147,18 @@ mod tests {
         assert_eq!(args.mqtt.to_string(), "127.0.0.1:8883");
         assert_eq!(args.https.to_string(), "127.0.0.1:8443");
         assert_eq!(args.hub_name, "localhost");
+        assert_eq!((args.tier, args.units), (Tier::Off, 1));
+    }
+
+    #[test]
+    fn serve_takes_a_tier_and_units() {
+        let cli =
+            Cli::try_parse_from(["edgetwin-sim", "serve", "--tier", "s1", "--units", "2"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!((args.tier, args.units), (Tier::S1, 2));
+        assert!(Cli::try_parse_from(["edgetwin-sim", "serve", "--tier", "s9"]).is_err());
+        assert!(Cli::try_parse_from(["edgetwin-sim", "serve", "--units", "0"]).is_err());
     }
 }
