@@ -427,6 +427,11 @@ impl Hub {
         *lock(&self.inner.throttle) = Throttle::new(tier, units, std::time::Instant::now());
     }
 
+    /// Meters with `throttle` from now on (rates of one's own, another shaping queue).
+    pub fn replace_throttle(&self, throttle: Throttle) {
+        *lock(&self.inner.throttle) = throttle;
+    }
+
     /// The tier and units being enforced.
     pub fn throttle_tier(&self) -> (Tier, u32) {
         let t = lock(&self.inner.throttle);

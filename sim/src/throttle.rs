@@ -131,13 +131,13 @@ pub struct Rate {
 }
 
 impl Rate {
-    const fn per_sec(amount: u32) -> Rate {
+    pub const fn per_sec(amount: u32) -> Rate {
         Rate {
             amount,
             period: Duration::from_secs(1),
         }
     }
-    const fn per_min(amount: u32) -> Rate {
+    pub const fn per_min(amount: u32) -> Rate {
         Rate {
             amount,
             period: Duration::from_secs(60),
@@ -151,12 +151,11 @@ impl Rate {
 
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let unit = if self.period.as_secs() == 60 {
-            "min"
-        } else {
-            "s"
-        };
-        write!(f, "{}/{unit}", self.amount)
+        match self.period.as_secs() {
+            1 => write!(f, "{}/s", self.amount),
+            60 => write!(f, "{}/min", self.amount),
+            _ => write!(f, "{}/{:?}", self.amount, self.period),
+        }
     }
 }
 
@@ -210,12 +209,18 @@ pub struct Count {
 pub struct Counts {
     pub tier: Tier,
     pub units: u32,
+    limits: [Option<Rate>; 6],
     counts: [Count; 6],
 }
 
 impl Counts {
     pub fn get(&self, kind: Kind) -> Count {
         self.counts[kind.index()]
+    }
+
+    /// The rate enforced for `kind` (None: not metered).
+    pub fn limit(&self, kind: Kind) -> Option<Rate> {
+        self.limits[kind.index()]
     }
 }
 
@@ -291,6 +296,7 @@ pub struct Throttle {
     tier: Tier,
     units: u32,
     max_wait: Duration,
+    limits: [Option<Rate>; 6],
     buckets: [Option<Bucket>; 6],
     counts: [Count; 6],
 }
@@ -310,13 +316,30 @@ impl Throttle {
     /// With another shaping queue (`Duration::ZERO`: no shaping, 429 at once).
     pub fn with_max_wait(tier: Tier, units: u32, max_wait: Duration, now: Instant) -> Throttle {
         let units = units.max(1);
+        let limits = Kind::ALL.map(|k| rate(tier, units, k));
         Throttle {
             tier,
             units,
             max_wait,
-            buckets: Kind::ALL.map(|k| rate(tier, units, k).map(|r| Bucket::new(r, now))),
+            limits,
+            buckets: limits.map(|r| r.map(|r| Bucket::new(r, now))),
             counts: [Count::default(); 6],
         }
+    }
+
+    /// Rates of one's own instead of a tier's (tests make a limit slow enough to hit on
+    /// purpose); kinds not listed are not metered.
+    pub fn with_rates(
+        rates: impl IntoIterator<Item = (Kind, Rate)>,
+        max_wait: Duration,
+        now: Instant,
+    ) -> Throttle {
+        let mut t = Throttle::with_max_wait(Tier::Off, 1, max_wait, now);
+        for (kind, rate) in rates {
+            t.limits[kind.index()] = Some(rate);
+            t.buckets[kind.index()] = Some(Bucket::new(rate, now));
+        }
+        t
     }
 
     pub fn tier(&self) -> Tier {
@@ -350,6 +373,7 @@ impl Throttle {
         Counts {
             tier: self.tier,
             units: self.units,
+            limits: self.limits,
             counts: self.counts,
         }
     }
@@ -499,6 +523,25 @@ mod tests {
             t.admit(Kind::TwinRead, t0 + ms(500));
         }
         assert_eq!(t.admit(Kind::TwinRead, t0), Admission::Throttled);
+    }
+
+    #[test]
+    fn rates_of_ones_own_meter_only_the_kinds_given() {
+        let t0 = Instant::now();
+        let slow = Rate {
+            amount: 1,
+            period: Duration::from_secs(2),
+        };
+        let mut t = Throttle::with_rates([(Kind::TwinRead, slow)], Duration::ZERO, t0);
+        assert_eq!(t.admit(Kind::TwinRead, t0), Admission::Now);
+        assert_eq!(
+            t.admit(Kind::TwinRead, t0 + ms(1_900)),
+            Admission::Throttled
+        );
+        assert_eq!(t.admit(Kind::TwinRead, t0 + ms(2_001)), Admission::Now);
+        assert_eq!(t.admit(Kind::DeviceConnect, t0), Admission::Now);
+        assert_eq!(t.counts().limit(Kind::TwinRead), Some(slow));
+        assert_eq!(t.counts().limit(Kind::Query), None);
     }
 
     #[test]
