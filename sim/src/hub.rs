@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::errors::HubError;
-use super::persist::{self, PersistedHub, Snapshot, Writer};
+use super::persist::{self, PersistedHub, Ticket, Writer};
 use super::throttle::{self, Admission, Throttle, Tier};
 use super::twin_doc::timestamp;
 use edgetwin::identity::SharedKey;
@@ -461,15 +461,19 @@ impl Hub {
         let _ = self.inner.events.send(event);
     }
 
-    /// Takes a snapshot of the durable state; call while holding the state lock.
-    pub(super) fn snapshot(&self, st: &State) -> Snapshot {
-        self.inner.store.snapshot(&st.data)
+    /// Numbers a change to the durable state; call while holding the state lock.
+    pub(super) fn snapshot(&self, _st: &State) -> Ticket {
+        self.inner.store.ticket()
     }
 
-    /// Writes a snapshot unless a newer one already reached the disk. Called after the
-    /// state lock is released; returns only once the change is durable.
-    pub(super) fn commit(&self, snapshot: Snapshot) -> Result<(), HubError> {
-        self.inner.store.commit(snapshot).map_err(|e| {
+    /// Returns once the change is durable (one write may cover many changes). Called
+    /// after the state lock is released.
+    pub(super) fn commit(&self, ticket: Ticket) -> Result<(), HubError> {
+        let current = || {
+            let st = self.state();
+            self.inner.store.encode(&st.data)
+        };
+        self.inner.store.commit(ticket, current).map_err(|e| {
             // The client gets a generic 500; the cause is logged here, once.
             tracing::error!(error = %e, dir = %self.inner.store.dir().display(), "emulator state write failed");
             HubError::server_error("state could not be persisted")
