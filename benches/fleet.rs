@@ -64,6 +64,8 @@ struct Opts {
     units: u32,
     outage: Duration,
     writers: usize,
+    /// Roll out by a desired patch per module instead of a module configuration.
+    patch_rollout: bool,
     dir: PathBuf,
     timeout: Duration,
 }
@@ -89,6 +91,7 @@ impl Opts {
             units: env_num("EDGETWIN_FLEET_UNITS", 1).max(1) as u32,
             outage: Duration::from_secs(env_num("EDGETWIN_FLEET_OUTAGE_SECS", 10)),
             writers: env_num("EDGETWIN_FLEET_WRITERS", 8).max(1) as usize,
+            patch_rollout: std::env::var("EDGETWIN_FLEET_ROLLOUT").is_ok_and(|v| v == "patch"),
             dir: std::env::var_os("EDGETWIN_FLEET_DIR")
                 .map_or_else(|| PathBuf::from("/dev/shm"), PathBuf::from),
             timeout: Duration::from_secs(env_num("EDGETWIN_FLEET_TIMEOUT_SECS", 1800)),
@@ -342,6 +345,93 @@ fn rand_below(n: u64) -> u64 {
     rand::rng().random_range(0..n.max(1))
 }
 
+/// The rollout as a module configuration (PROTOCOL §14.3) targeting every gateway's module.
+fn configuration(value: u64, priority: i64) -> Value {
+    json!({
+        "schemaVersion": "2.0",
+        "labels": {},
+        "content": {"moduleContent": {format!("properties.desired.{PROPERTY}"): value}},
+        "targetCondition": format!("FROM devices.modules WHERE moduleId = '{MODULE}'"),
+        "priority": priority,
+        "metrics": {"queries": {}},
+    })
+}
+
+impl Rest {
+    /// `PUT /configurations/{id}`; 429 retried. Returns how many 429s it took.
+    async fn put_configuration(&self, id: &str, value: u64, priority: i64) -> Result<u64> {
+        let url = format!("{}/configurations/{id}?api-version=2021-04-12", self.base);
+        let mut body = configuration(value, priority);
+        body["id"] = json!(id);
+        let mut throttled = 0;
+        loop {
+            let token = self.creds.sas_token(edgetwin_sim::hub::unix_now() + 3600);
+            let res = self
+                .client
+                .put(&url)
+                .header("Authorization", token)
+                .header("Content-Type", "application/json; charset=utf-8")
+                .body(body.to_string())
+                .send()
+                .await?;
+            match res.status().as_u16() {
+                200 | 201 => return Ok(throttled),
+                429 => {
+                    throttled += 1;
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                status => bail!("PUT configuration {id}: {status} {}", res.text().await?),
+            }
+        }
+    }
+}
+
+/// One desired patch per module, `writers` at a time; the versions written and the 429s.
+async fn patch_all(
+    rest: &Arc<Rest>,
+    n: usize,
+    value: u64,
+    writers: usize,
+) -> Result<(Vec<(String, u64)>, u64)> {
+    let queue = Arc::new(Mutex::new((0..n).map(device).collect::<Vec<_>>()));
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let (rest, queue) = (Arc::clone(rest), Arc::clone(&queue));
+        tasks.push(tokio::spawn(async move {
+            let mut done = Vec::new();
+            let mut throttled = 0;
+            loop {
+                let next = queue.lock().expect("queue").pop();
+                let Some(d) = next else { break };
+                let (v, t) = rest.set_desired(&d, value).await?;
+                throttled += t;
+                done.push((d, v));
+            }
+            anyhow::Ok((done, throttled))
+        }));
+    }
+    let mut versions = Vec::new();
+    let mut throttled = 0;
+    for t in tasks {
+        let (done, t) = t.await??;
+        versions.extend(done);
+        throttled += t;
+    }
+    Ok((versions, throttled))
+}
+
+/// Every gateway's desired `$version` in the hub now.
+fn desired_versions(hub: &Hub, n: usize) -> Result<Vec<(String, u64)>> {
+    (0..n)
+        .map(|i| {
+            let d = device(i);
+            let twin = hub.get_module_twin(&d, MODULE)?;
+            let v = twin["properties"]["desired"]["$version"].as_u64().unwrap_or(0);
+            Ok((d, v))
+        })
+        .collect()
+}
+
 fn acked(hub: &Hub, device: &str, version: u64) -> bool {
     hub.get_module_twin(device, MODULE).is_ok_and(|t| {
         t["properties"]["reported"][PROPERTY]["av"]
@@ -382,6 +472,7 @@ struct Figures {
     cold_bound: f64,
     cold_peaks: (u64, u64),
     cold_throttled: (u64, u64),
+    rollout_how: &'static str,
     rollout_applied: f64,
     rollout_acked: f64,
     rollout_bound: f64,
@@ -435,34 +526,24 @@ async fn run_fleet(opts: &Opts, n: usize) -> Result<Figures> {
     );
     eprintln!("fleet {n}: cold start {:.1} s", f.cold);
 
-    // 2. Rollout through the REST API.
+    // 2. Rollout: a module configuration, or a desired patch per module, over REST.
     let rest = Arc::new(Rest::new(&sim)?);
     let sampler = Sampler::start(sim.hub().clone());
     let value = 1_000 + n as u64;
-    let queue = Arc::new(Mutex::new((0..n).map(device).collect::<Vec<_>>()));
     let t1 = Instant::now();
-    let mut writers = Vec::new();
-    for _ in 0..opts.writers {
-        let (rest, queue) = (Arc::clone(&rest), Arc::clone(&queue));
-        writers.push(tokio::spawn(async move {
-            let mut done = Vec::new();
-            let mut throttled = 0;
-            loop {
-                let next = queue.lock().expect("queue").pop();
-                let Some(d) = next else { break };
-                let (v, t) = rest.set_desired(&d, value).await?;
-                throttled += t;
-                done.push((d, v));
-            }
-            anyhow::Ok((done, throttled))
-        }));
-    }
-    let mut versions = Vec::new();
-    for w in writers {
-        let (done, throttled) = w.await??;
-        versions.extend(done);
-        f.rollout_429_rest += throttled;
-    }
+    f.rollout_how = if opts.patch_rollout {
+        "a desired PATCH per module over REST"
+    } else {
+        "one module configuration over REST"
+    };
+    let versions = if opts.patch_rollout {
+        let (versions, throttled) = patch_all(&rest, n, value, opts.writers).await?;
+        f.rollout_429_rest = throttled;
+        versions
+    } else {
+        f.rollout_429_rest = rest.put_configuration("rollout-1", value, 10).await?;
+        desired_versions(sim.hub(), n)?
+    };
     let applied_in = until_all(&gateways, t1, opts.timeout, "rollout", |g| {
         applied(g, value)
     })
@@ -483,16 +564,22 @@ async fn run_fleet(opts: &Opts, n: usize) -> Result<Figures> {
         mqtt_addr: sim.mqtt_addr(),
         https_addr: sim.https_addr(),
         hub_name: sim.hub_name().to_string(),
-        state_dir: sim_dir.clone(),
+        ..SimConfig::ephemeral(&sim_dir)
     };
     sim.shutdown().await;
     let value = 2_000 + n as u64;
     let down = Instant::now();
     {
+        // What the service side changes while the hub is down: a new configuration with a
+        // higher priority (configurations' content is immutable), or a patch per module.
         let hub = Hub::open(&config.hub_name, &config.state_dir)?;
-        for i in 0..n {
-            let body = json!({"properties": {"desired": {PROPERTY: value}}});
-            hub.write_module_twin(&device(i), MODULE, TwinWrite::Patch, &body, None)?;
+        if opts.patch_rollout {
+            for i in 0..n {
+                let body = json!({"properties": {"desired": {PROPERTY: value}}});
+                hub.write_module_twin(&device(i), MODULE, TwinWrite::Patch, &body, None)?;
+            }
+        } else {
+            hub.put_configuration("rollout-2", &configuration(value, 20), None)?;
         }
     }
     tokio::time::sleep(opts.outage.saturating_sub(down.elapsed())).await;
@@ -500,16 +587,7 @@ async fn run_fleet(opts: &Opts, n: usize) -> Result<Figures> {
     sim.set_throttle(opts.tier, opts.units);
     let sampler = Sampler::start(sim.hub().clone());
     let t2 = Instant::now();
-    let versions: Vec<(String, u64)> = (0..n)
-        .map(|i| {
-            let d = device(i);
-            let v = sim
-                .hub()
-                .get_module_twin(&d, MODULE)
-                .map(|t| t["properties"]["desired"]["$version"].as_u64().unwrap_or(0));
-            v.map(|v| (d, v))
-        })
-        .collect::<Result<_, _>>()?;
+    let versions = desired_versions(sim.hub(), n)?;
     let connected_in = until_all(&gateways, t2, opts.timeout, "reconnect", connected).await?;
     let applied_in =
         until_all(&gateways, t2, opts.timeout, "resync", |g| applied(g, value)).await?;
@@ -569,9 +647,10 @@ fn print_raw(f: &Figures, limits: (f64, f64, f64)) {
         f.cold_throttled.1
     );
     println!(
-        "rollout (desired PATCH per module over REST): all applied in {:.2} s, all acked in \
+        "rollout ({}): all applied in {:.2} s, all acked in \
          {:.2} s (bound {:.2} s, ratio {:.2}); 429s: {} to the operator, {} twin updates \
          in all (limit {update}/s)",
+        f.rollout_how,
         f.rollout_applied,
         f.rollout_acked,
         f.rollout_bound,

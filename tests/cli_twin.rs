@@ -679,8 +679,7 @@ async fn provision_against_an_unreachable_hub_exits_69_then_succeeds_once_it_is_
     let sim = Sim::start(SimConfig {
         mqtt_addr: mqtt,
         https_addr: https,
-        hub_name: "localhost".into(),
-        state_dir: sim_dir.path().to_owned(),
+        ..SimConfig::ephemeral(sim_dir.path())
     })
     .await
     .expect("sim starts on the same ports");

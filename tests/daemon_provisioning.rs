@@ -206,8 +206,7 @@ async fn first_boot_provisions_once_the_hub_is_reachable_then_applies_patches() 
     let sim = Sim::start(SimConfig {
         mqtt_addr: mqtt,
         https_addr: https,
-        hub_name: "localhost".into(),
-        state_dir: sim_dir.path().to_owned(),
+        ..SimConfig::ephemeral(sim_dir.path())
     })
     .await
     .expect("sim starts on the same ports");

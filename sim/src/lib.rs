@@ -15,8 +15,12 @@
 //!   limits).
 //! - [`persist`]: the durable on-disk form of the registry and twins, and the order of
 //!   its writes.
+//! - [`configurations`]: automatic module configurations (CRUD, validation) and their
+//!   evaluation onto twins (priority, statuses, metrics).
+//! - [`query`]: the IoT Hub query language (parser and evaluator, pure).
 //! - [`dps`]: the Device Provisioning Service: enrollments, registrations, the DPS REST
 //!   API; its MQTT side is in [`mqtt`].
+//! - [`twin_query`]: the twin query service (`POST /devices/query`) with paging.
 //! - [`tls`]: the emulator's CA and server certificate.
 //! - [`mqtt`]: MQTT 3.1.1 server (TLS and WebSocket transports) for module clients.
 //! - [`rest`]: HTTPS service REST API; it mounts [`websocket`], the MQTT-over-WebSocket
@@ -29,6 +33,7 @@
 //!
 //! The emulator never talks to anything but its own listeners and its state directory.
 
+pub mod configurations;
 pub mod demo;
 pub mod device_auth;
 pub mod device_side;
@@ -38,6 +43,7 @@ pub mod events;
 pub mod hub;
 pub mod mqtt;
 pub mod persist;
+pub mod query;
 pub mod rest;
 pub mod server;
 pub mod service_side;
@@ -46,6 +52,7 @@ pub mod throttle;
 pub mod tls;
 pub mod topics;
 pub mod twin_doc;
+pub mod twin_query;
 pub mod websocket;
 
 pub use dps::Dps;

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use edgetwin_sim::{Sim, SimConfig, Tier};
@@ -49,6 +50,9 @@ struct ServeArgs {
     /// Units of the tier (rates given per unit scale with it).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     units: u32,
+    /// How often automatic configurations are evaluated (the real hub: 5m).
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = edgetwin::config::duration::parse)]
+    configurations_every: Duration,
 }
 
 fn main() -> ExitCode {
@@ -93,6 +97,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         https_addr: args.https,
         hub_name: args.hub_name,
         state_dir,
+        configurations_every: args.configurations_every,
     })
     .await?;
     sim.set_throttle(args.tier, args.units);
@@ -148,6 +153,10 @@ mod tests {
         assert_eq!(args.https.to_string(), "127.0.0.1:8443");
         assert_eq!(args.hub_name, "localhost");
         assert_eq!((args.tier, args.units), (Tier::Off, 1));
+        assert_eq!(
+            args.configurations_every,
+            edgetwin_sim::server::CONFIGURATIONS_EVERY
+        );
     }
 
     #[test]
@@ -160,5 +169,19 @@ mod tests {
         assert_eq!((args.tier, args.units), (Tier::S1, 2));
         assert!(Cli::try_parse_from(["edgetwin-sim", "serve", "--tier", "s9"]).is_err());
         assert!(Cli::try_parse_from(["edgetwin-sim", "serve", "--units", "0"]).is_err());
+    }
+
+    #[test]
+    fn configurations_every_takes_a_human_duration() {
+        let cli = Cli::try_parse_from(["edgetwin-sim", "serve", "--configurations-every", "250ms"])
+            .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.configurations_every, Duration::from_millis(250));
+        assert!(
+            Cli::try_parse_from(["edgetwin-sim", "serve", "--configurations-every", "soon"])
+                .is_err()
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! The emulator's durable state: service policies, devices, modules (with keys) and their
-//! twins, and persistent MQTT sessions, kept as one JSON file (`hub.json`) in the state
+//! twins, persistent MQTT sessions and automatic configurations, kept as one JSON file (`hub.json`) in the state
 //! directory and replaced atomically on every change so it survives `kill -9`.
 //!
 //! Besides the durable form this module owns the write ordering: [`Writer::ticket`]
@@ -68,6 +68,31 @@ pub struct PersistedHub {
     pub devices: BTreeMap<String, DeviceRecord>,
     /// Persistent MQTT sessions: client id → subscribed filters.
     pub sessions: BTreeMap<String, BTreeSet<String>>,
+    /// Automatic configurations by id (absent in state files of older emulators).
+    #[serde(default)]
+    pub configurations: BTreeMap<String, ConfigurationRecord>,
+}
+
+/// An automatic configuration as stored; its REST form is built by `configurations`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigurationRecord {
+    pub schema_version: String,
+    pub labels: BTreeMap<String, String>,
+    /// `properties.desired[.path]` → value, from `content.moduleContent`; immutable.
+    pub module_content: serde_json::Map<String, serde_json::Value>,
+    pub target_condition: String,
+    pub priority: i64,
+    /// Custom metric queries by name.
+    pub metric_queries: BTreeMap<String, String>,
+    /// Results of the last evaluation: custom metrics, and the system metrics
+    /// `targetedCount` / `appliedCount`.
+    pub metric_results: BTreeMap<String, i64>,
+    pub system_results: BTreeMap<String, i64>,
+    pub created: String,
+    pub last_updated: String,
+    /// Order of creation across the hub: ties of priority go to the newest.
+    pub created_seq: u64,
+    pub etag_seq: u64,
 }
 
 impl PersistedHub {
@@ -96,6 +121,7 @@ impl PersistedHub {
             policies,
             devices: BTreeMap::new(),
             sessions: BTreeMap::new(),
+            configurations: BTreeMap::new(),
         }
     }
 }

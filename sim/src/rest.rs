@@ -41,6 +41,8 @@ use super::service_side::TwinWrite;
 use super::throttle::{Admission, Kind};
 use super::twin_doc::timestamp;
 
+mod fleet;
+
 /// How long a client may take to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request's headers.
@@ -164,6 +166,7 @@ fn router(app: App) -> Router {
             methods(post(invoke_method)),
         )
         .route("/$iothub/websocket", methods(get(websocket_upgrade)))
+        .merge(fleet::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(app.clone(), throttle))
         .layer(middleware::from_fn(log_request))

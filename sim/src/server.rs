@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -28,7 +29,13 @@ pub struct SimConfig {
     pub hub_name: String,
     /// Durable state: registry, twins, sessions, certificates.
     pub state_dir: PathBuf,
+    /// How often automatic configurations are evaluated (also once at start and after
+    /// each change of a configuration). The real hub: five minutes.
+    pub configurations_every: Duration,
 }
+
+/// Default of [`SimConfig::configurations_every`].
+pub const CONFIGURATIONS_EVERY: Duration = Duration::from_secs(5);
 
 impl SimConfig {
     /// Both listeners on free loopback ports, hub name `localhost`.
@@ -38,6 +45,7 @@ impl SimConfig {
             https_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             hub_name: "localhost".into(),
             state_dir: state_dir.into(),
+            configurations_every: CONFIGURATIONS_EVERY,
         }
     }
 }
@@ -112,6 +120,11 @@ impl Sim {
             super::dps::http::router(dps.clone()),
             shutdown.clone(),
             tasks.clone(),
+        ));
+        tasks.spawn(evaluate_configurations(
+            hub.clone(),
+            config.configurations_every,
+            shutdown.clone(),
         ));
         Ok(Sim {
             config,
@@ -214,5 +227,35 @@ impl Sim {
         let sim = Sim::start(config).await?;
         sim.set_throttle(tier, units);
         Ok(sim)
+    }
+}
+
+/// Evaluates automatic configurations at start and then every `every` until shutdown.
+/// Failures are logged here, once per evaluation; the next one retries.
+async fn evaluate_configurations(hub: Hub, every: Duration, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(every.max(Duration::from_millis(1)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let h = hub.clone();
+        match tokio::task::spawn_blocking(move || h.evaluate_configurations()).await {
+            Ok(Ok(report)) => {
+                for (module, error) in &report.failed {
+                    tracing::warn!(%module, %error, "configuration content could not be applied to a twin");
+                }
+                if !report.patched.is_empty() || report.statuses_changed > 0 {
+                    tracing::debug!(
+                        patched = report.patched.len(),
+                        statuses_changed = report.statuses_changed,
+                        "configurations evaluated"
+                    );
+                }
+            }
+            Ok(Err(error)) => tracing::warn!(%error, "configuration evaluation failed"),
+            Err(error) => tracing::warn!(%error, "configuration evaluation panicked"),
+        }
     }
 }

@@ -570,14 +570,14 @@ fn find_module_mut<'a>(
         .ok_or_else(|| HubError::module_not_found(device_id, module_id))
 }
 
-fn connected(st: &State, device_id: &str, module_id: &str) -> bool {
+pub(super) fn connected(st: &State, device_id: &str, module_id: &str) -> bool {
     st.connections.contains_key(&ModuleKey {
         device_id: device_id.into(),
         module_id: module_id.into(),
     })
 }
 
-fn twin_doc(st: &State, device_id: &str, module_id: &str) -> Result<Value, HubError> {
+pub(super) fn twin_doc(st: &State, device_id: &str, module_id: &str) -> Result<Value, HubError> {
     let m = find_module(st, device_id, module_id)?;
     Ok(m.twin.service_view(
         device_id,

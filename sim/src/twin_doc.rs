@@ -38,6 +38,10 @@ pub struct ModuleTwin {
     pub reported: Section,
     /// Bumped on every change of tags or desired; the etag is derived from it.
     pub etag_seq: u64,
+    /// `configurations.{id}.status` (`targeted` / `applied`), set by the evaluation of
+    /// automatic configurations; not a change of the twin (no version or etag bump).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub configurations: std::collections::BTreeMap<String, String>,
 }
 
 impl ModuleTwin {
@@ -53,6 +57,7 @@ impl ModuleTwin {
             desired: section.clone(),
             reported: section,
             etag_seq: 1,
+            configurations: Default::default(),
         }
     }
 
@@ -186,6 +191,13 @@ impl ModuleTwin {
         });
         if !self.tags.is_empty() {
             twin["tags"] = Value::Object(self.tags.clone());
+        }
+        if !self.configurations.is_empty() {
+            twin["configurations"] = self
+                .configurations
+                .iter()
+                .map(|(id, status)| (id.clone(), json!({ "status": status })))
+                .collect();
         }
         twin
     }

@@ -39,7 +39,7 @@ pub const REFUSED_BACKOFF: BackoffPolicy = BackoffPolicy {
 /// network outage): the first reconnect is drawn as if it were attempt number
 /// `LOSS_SPREAD` (from `[initial, initial·2³]`, 1–8 s by default), never at exactly
 /// `initial`, or every gateway would come back in the same instant and meet the hub's
-/// connect throttle together. Attempts after that keep growing from there.
+/// connect throttle together. Attempts after that grow from the policy's start as usual.
 pub const LOSS_SPREAD: u32 = 3;
 /// How long a graceful stop waits for the DISCONNECT to go out.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -356,13 +356,16 @@ impl Connection {
             Failure::Other if !was_connected => actions.push(Action::ConnectFailed),
             Failure::Other => {}
         }
+        // Only the first reconnect after a loss is spread: later ones grow from the start
+        // of the policy, or a long outage would push the whole fleet's windows (and the
+        // time to come back once the hub is up) three doublings further out.
         let attempt = if was_connected {
-            self.failures.max(LOSS_SPREAD)
+            LOSS_SPREAD
         } else {
             self.failures
         };
         let until = now + (self.draw)(&self.policy, attempt);
-        self.failures = attempt.saturating_add(1);
+        self.failures = self.failures.saturating_add(1);
         self.phase = Phase::Backoff {
             until,
             refused: None,
