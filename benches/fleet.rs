@@ -23,7 +23,8 @@
 //!
 //! Rates seen by the hub are sampled from its throttle counters every 100 ms; a peak is
 //! the most operations accepted in any 1 s window. The bound of a phase is the time the
-//! tier's rates alone impose: operations of a kind / its rate, the largest over kinds.
+//! tier's buckets alone impose: per kind, the operations beyond the burst (one period's
+//! worth) divided by the rate, the largest over kinds (N / limit, less the burst).
 //! At the end every gateway's state in force is compared with the hub's desired twin (and
 //! its ack with the version): any difference is a lost version.
 //!
@@ -256,18 +257,19 @@ impl Rates {
         (b.accepted - a.accepted, b.throttled - a.throttled)
     }
 
-    fn limit(&self, kind: Kind) -> Option<f64> {
-        self.0
-            .last()
-            .and_then(|(_, c)| c.limit(kind))
-            .map(|r| r.per_second())
-    }
-
-    /// Seconds the tier's rates alone need for what was accepted in the phase.
+    /// Seconds the tier's buckets alone need for what was accepted in the phase: per
+    /// kind, what exceeds the burst (one period's worth) at the rate; the slowest kind.
     fn bound(&self) -> f64 {
+        let Some((_, last)) = self.0.last() else {
+            return 0.0;
+        };
         Kind::ALL
             .iter()
-            .filter_map(|&k| Some(self.total(k).0 as f64 / self.limit(k)?))
+            .filter_map(|&k| {
+                let rate = last.limit(k)?;
+                let beyond = self.total(k).0.saturating_sub(u64::from(rate.amount));
+                Some(beyond as f64 / rate.per_second())
+            })
             .fold(0.0, f64::max)
     }
 }
@@ -290,8 +292,9 @@ impl Rest {
             .timeout(Duration::from_secs(60))
             .build()?;
         let creds = sim
-            .service_connection_string("service")
-            .context("service policy")?
+            // Configurations need RegistryWrite as well as ServiceConnect.
+            .service_connection_string("iothubowner")
+            .context("iothubowner policy")?
             .parse()?;
         Ok(Rest {
             client,
