@@ -429,7 +429,9 @@ fn desired_versions(hub: &Hub, n: usize) -> Result<Vec<(String, u64)>> {
         .map(|i| {
             let d = device(i);
             let twin = hub.get_module_twin(&d, MODULE)?;
-            let v = twin["properties"]["desired"]["$version"].as_u64().unwrap_or(0);
+            let v = twin["properties"]["desired"]["$version"]
+                .as_u64()
+                .unwrap_or(0);
             Ok((d, v))
         })
         .collect()
