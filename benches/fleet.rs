@@ -201,33 +201,36 @@ async fn until_all(
 
 // ---- the hub's view: rates -------------------------------------------------------------
 
+/// Reads the hub's counters every [`SAMPLE`] on a thread of its own, so a busy runtime
+/// (a thousand gateways on two cores) does not starve it.
 struct Sampler {
-    stop: CancellationToken,
-    task: JoinHandle<Vec<(Instant, Counts)>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Instant, Counts)>>,
 }
 
 impl Sampler {
     fn start(hub: Hub) -> Sampler {
-        let stop = CancellationToken::new();
-        let token = stop.clone();
-        let task = tokio::spawn(async move {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
             let mut samples = vec![(Instant::now(), hub.throttle_counts())];
-            loop {
-                tokio::select! {
-                    () = token.cancelled() => break,
-                    () = tokio::time::sleep(SAMPLE) => {}
-                }
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(SAMPLE);
                 samples.push((Instant::now(), hub.throttle_counts()));
             }
-            samples.push((Instant::now(), hub.throttle_counts()));
             samples
         });
-        Sampler { stop, task }
+        Sampler { stop, thread }
     }
 
     async fn finish(self) -> Rates {
-        self.stop.cancel();
-        Rates(self.task.await.unwrap_or_default())
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let thread = self.thread;
+        let samples = tokio::task::spawn_blocking(move || thread.join().unwrap_or_default())
+            .await
+            .unwrap_or_default();
+        Rates(samples)
     }
 }
 
