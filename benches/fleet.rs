@@ -520,9 +520,10 @@ async fn run_fleet(opts: &Opts, n: usize) -> Result<Figures> {
                 })
             })
             .collect();
-        workers
-            .into_iter()
-            .try_for_each(|w| w.join().map_err(|_| anyhow::anyhow!("registration panicked"))?)
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("registration panicked"))?
+        })
     })?;
     sim.set_throttle(opts.tier, opts.units);
     let mut f = Figures {

@@ -470,8 +470,13 @@ impl Hub {
     /// after the state lock is released.
     pub(super) fn commit(&self, ticket: Ticket) -> Result<(), HubError> {
         let current = || {
-            let st = self.state();
-            self.inner.store.encode(&st.data)
+            // Copy under the lock, encode outside it: copying is several times cheaper
+            // than encoding a hub of many modules, and the lock holds up every client.
+            let (generation, data) = {
+                let st = self.state();
+                (self.inner.store.last_change(), st.data.clone())
+            };
+            self.inner.store.encode(generation, &data)
         };
         self.inner.store.commit(ticket, current).map_err(|e| {
             // The client gets a generic 500; the cause is logged here, once.

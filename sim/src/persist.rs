@@ -207,18 +207,25 @@ impl Writer {
         }
     }
 
-    /// Encodes `hub` with the number of the last change made to it. Call it under the
-    /// lock that guards `hub`.
-    pub fn encode(&self, hub: &PersistedHub) -> Snapshot {
+    /// The number of the last change. Read it under the lock that guards the state, with
+    /// the copy of the state that [`Writer::encode`] is then given.
+    pub fn last_change(&self) -> u64 {
+        self.taken.load(Ordering::SeqCst)
+    }
+
+    /// Encodes `hub`, a copy of the state as of change number `generation`. Needs no lock:
+    /// the hub copies its state under its lock and encodes the copy outside it, so other
+    /// operations go on meanwhile.
+    pub fn encode(&self, generation: u64, hub: &PersistedHub) -> Snapshot {
         Snapshot {
-            generation: self.taken.load(Ordering::SeqCst),
+            generation,
             bytes: encode(hub),
         }
     }
 
     /// Returns once the change `ticket` is on disk: at once if a write since covered it,
-    /// otherwise after writing what `current` encodes (it takes the state's lock and
-    /// calls [`Writer::encode`]). Never call it holding the state's lock.
+    /// otherwise after writing what `current` encodes (the state as it is then, see
+    /// [`Writer::encode`]). Never call it holding the state's lock.
     pub fn commit(
         &self,
         ticket: Ticket,
@@ -262,13 +269,13 @@ mod tests {
         writer
             .commit(second, || {
                 encodings += 1;
-                writer.encode(&hub)
+                writer.encode(writer.last_change(), &hub)
             })
             .unwrap();
         writer
             .commit(first, || {
                 encodings += 1;
-                writer.encode(&hub)
+                writer.encode(writer.last_change(), &hub)
             })
             .unwrap();
 
@@ -283,10 +290,14 @@ mod tests {
         let writer = Writer::new(dir.path());
         let mut hub = PersistedHub::new();
         let t = writer.ticket();
-        writer.commit(t, || writer.encode(&hub)).unwrap();
+        writer
+            .commit(t, || writer.encode(writer.last_change(), &hub))
+            .unwrap();
         hub.sessions.insert("later".into(), BTreeSet::new());
         let t = writer.ticket();
-        writer.commit(t, || writer.encode(&hub)).unwrap();
+        writer
+            .commit(t, || writer.encode(writer.last_change(), &hub))
+            .unwrap();
         let on_disk = load(dir.path()).unwrap().expect("hub.json written");
         assert!(on_disk.sessions.contains_key("later"));
     }
