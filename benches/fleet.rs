@@ -217,7 +217,14 @@ impl Sampler {
             let mut samples = vec![(Instant::now(), hub.throttle_counts())];
             while !flag.load(Ordering::Relaxed) {
                 std::thread::sleep(SAMPLE);
-                samples.push((Instant::now(), hub.throttle_counts()));
+                // On a loaded machine the thread can be descheduled between reading the
+                // clock and the counters; such a sample would skew its window, so it is
+                // dropped.
+                let before = Instant::now();
+                let counts = hub.throttle_counts();
+                if before.elapsed() < Duration::from_millis(5) {
+                    samples.push((before, counts));
+                }
             }
             samples
         });
