@@ -1,6 +1,7 @@
 //! [`Sim`]: a running emulator — the hub, its MQTT/TLS listener and its HTTPS listener
 //! (REST and MQTT over WebSocket) — as started by `edgetwin-sim serve`, the demo and the tests.
-//! Owns the listener tasks and stops them on shutdown; can restart on the same ports with
+//! Owns the listener tasks and the periodic evaluation of automatic configurations, and
+//! stops them on shutdown; can restart on the same ports with
 //! the state kept, which is how tests simulate a hub restart.
 
 use std::net::SocketAddr;

@@ -570,7 +570,7 @@ fn find_module_mut<'a>(
         .ok_or_else(|| HubError::module_not_found(device_id, module_id))
 }
 
-pub(super) fn connected(st: &State, device_id: &str, module_id: &str) -> bool {
+fn connected(st: &State, device_id: &str, module_id: &str) -> bool {
     st.connections.contains_key(&ModuleKey {
         device_id: device_id.into(),
         module_id: module_id.into(),

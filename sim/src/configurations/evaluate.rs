@@ -80,7 +80,7 @@ impl Hub {
             })
             .collect();
         // Highest priority first; among equals the newest.
-        candidates.sort_by(|a, b| (b.priority, b.created_seq).cmp(&(a.priority, a.created_seq)));
+        candidates.sort_by_key(|c| std::cmp::Reverse((c.priority, c.created_seq)));
         let docs = module_twin_docs(&st);
         let now = now_ts();
         for doc in &docs {
@@ -120,23 +120,27 @@ impl Hub {
             else {
                 continue;
             };
+            let mut after = record.twin.desired.props.clone();
+            merge(&mut after, &patch);
+            if after != record.twin.desired.props {
+                match record.twin.patch_desired(&patch, &now) {
+                    Ok(version) => {
+                        let mut payload = Value::Object(patch);
+                        payload["$version"] = json!(version);
+                        notifications.push((key.clone(), payload, version));
+                        report.patched.push(key);
+                    }
+                    Err(e) => {
+                        // Nothing was applied: the statuses stay as they were until a
+                        // later evaluation succeeds.
+                        report.failed.push((key, e));
+                        continue;
+                    }
+                }
+            }
             if record.twin.configurations != statuses {
                 record.twin.configurations = statuses;
                 report.statuses_changed += 1;
-            }
-            let mut after = record.twin.desired.props.clone();
-            merge(&mut after, &patch);
-            if after == record.twin.desired.props {
-                continue;
-            }
-            match record.twin.patch_desired(&patch, &now) {
-                Ok(version) => {
-                    let mut payload = Value::Object(patch);
-                    payload["$version"] = json!(version);
-                    notifications.push((key.clone(), payload, version));
-                    report.patched.push(key);
-                }
-                Err(e) => report.failed.push((key, e)),
             }
         }
         let metrics_changed = self.update_metrics(&mut st);

@@ -380,3 +380,33 @@ fn test_queries_report_errors_without_creating_anything() {
     let ok = hub.test_configuration_queries(&json!({"targetCondition": ALL_GATEWAYS}));
     assert_eq!(ok["targetConditionError"], "");
 }
+
+#[test]
+fn content_a_twin_cannot_hold_is_reported_and_leaves_its_status_alone() {
+    let (_d, hub) = hub();
+    tagged(&hub, "gw1", "edgetwin", json!({}));
+    // Fill desired close to its 32 KB limit, then target 4 KB more at it.
+    let filler: serde_json::Map<String, Value> = (0..8)
+        .map(|i| (format!("f{i}"), json!("x".repeat(3900))))
+        .collect();
+    hub.write_module_twin(
+        "gw1",
+        "edgetwin",
+        TwinWrite::Patch,
+        &json!({"properties": {"desired": filler}}),
+        None,
+    )
+    .unwrap();
+    let body = config(
+        ALL_GATEWAYS,
+        1,
+        json!({"properties.desired.big": "y".repeat(4000)}),
+    );
+    hub.put_configuration("c1", &body, None).unwrap();
+    let report = hub.evaluate_configurations().unwrap();
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(report.failed[0].1.status, 413);
+    let t = twin(&hub, "gw1", "edgetwin");
+    assert!(t["properties"]["desired"].get("big").is_none());
+    assert!(t.get("configurations").is_none(), "{t}");
+}

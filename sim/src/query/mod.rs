@@ -38,7 +38,8 @@ impl QueryError {
 /// The collection a query reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Collection {
-    /// `FROM devices`: device twins (the emulator has none, so no rows).
+    /// `FROM devices`: device twins (identity fields only; the emulator keeps no device
+    /// twin properties).
     Devices,
     /// `FROM devices.modules`: module twins.
     Modules,

@@ -27,7 +27,7 @@ fn ids(q: &str) -> Vec<String> {
     query
         .run(&twins())
         .iter()
-        .map(|r| format!("{}", r["deviceId"].as_str().unwrap_or("?")))
+        .map(|r| r["deviceId"].as_str().unwrap_or("?").to_string())
         .collect()
 }
 
