@@ -2,7 +2,8 @@
 //! CONNACK (or answered late when shaped), twin operations beyond theirs get
 //! `$iothub/twin/res/429/`, REST requests beyond theirs get 429 `ThrottlingException` in
 //! the hub's error body. Limits are made slow on purpose (rates of one's own) so a test
-//! hits them deterministically; the S1 test drains the real bucket through `Hub::admit`.
+//! hits them deterministically; the S1 tests drain the real buckets through `Hub::admit`
+//! (registry operations, configurations, queries).
 
 use edgetwin_sim::testing as support;
 
@@ -140,13 +141,7 @@ async fn registry_requests_beyond_the_s1_rate_are_answered_429_throttling_except
     while sim.hub().admit(Kind::RegistryOperation) != Admission::Throttled {}
 
     let client = rest_client(&sim);
-    let token = sim
-        .sim
-        .service_connection_string("iothubowner")
-        .unwrap()
-        .parse::<edgetwin::identity::ServiceCredentials>()
-        .unwrap()
-        .sas_token(unix_now() + 3600);
+    let token = owner_token(&sim);
     let url = format!(
         "https://{}/devices/d1?api-version=2021-04-12",
         sim.sim.rest_authority()
@@ -179,6 +174,64 @@ async fn registry_requests_beyond_the_s1_rate_are_answered_429_throttling_except
             .throttled
             >= 2
     );
+}
+
+#[tokio::test]
+async fn configurations_and_queries_beyond_the_s1_rate_are_answered_429() {
+    let sim = TestSim::start().await;
+    sim.register("d1", "m1");
+    sim.sim.set_throttle(Tier::S1, 1);
+    // S1: 20 of each a minute; take them all and the shaping queue (3 s until the next).
+    for kind in [Kind::Configuration, Kind::Query] {
+        while sim.hub().admit(kind) != Admission::Throttled {}
+    }
+    let client = rest_client(&sim);
+    let token = owner_token(&sim);
+    let base = format!("https://{}", sim.sim.rest_authority());
+    let body = serde_json::json!({
+        "id": "c1", "schemaVersion": "2.0", "labels": {}, "priority": 1,
+        "content": {"moduleContent": {"properties.desired.x": 1}},
+        "targetCondition": "FROM devices.modules WHERE moduleId = 'm1'",
+        "metrics": {"queries": {}},
+    });
+    let put = client
+        .put(format!("{base}/configurations/c1?api-version=2021-04-12"))
+        .header("Authorization", &token)
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(put.status().as_u16(), 429);
+    let query = client
+        .post(format!("{base}/devices/query?api-version=2021-04-12"))
+        .header("Authorization", &token)
+        .header("Content-Type", "application/json")
+        .body(r#"{"query":"SELECT * FROM devices.modules"}"#)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(query.status().as_u16(), 429);
+    assert_eq!(
+        query
+            .headers()
+            .get("iothub-errorcode")
+            .and_then(|v| v.to_str().ok()),
+        Some("ThrottlingException")
+    );
+    assert!(
+        sim.hub().get_configuration("c1").is_err(),
+        "nothing was created"
+    );
+}
+
+fn owner_token(sim: &TestSim) -> String {
+    sim.sim
+        .service_connection_string("iothubowner")
+        .unwrap()
+        .parse::<edgetwin::identity::ServiceCredentials>()
+        .unwrap()
+        .sas_token(unix_now() + 3600)
 }
 
 #[tokio::test]
