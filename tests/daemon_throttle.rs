@@ -24,12 +24,12 @@ fn every(secs: u64) -> Rate {
 async fn throttled_connects_and_twin_reads_are_retried_until_the_twin_is_applied() {
     let mut env = Env::start().await;
     let version = env.set_desired(json!({"telemetryInterval": 42}));
-    // One connect a second and one twin read every five, no shaping; both tokens are
+    // One connect a second and one twin read every eight, no shaping; both tokens are
     // taken now, so the daemon's first CONNECT is closed and its first GET (right after
     // its connect, well before the read token is back) is answered 429.
     let hub = env.sim().hub().clone();
     hub.replace_throttle(Throttle::with_rates(
-        [(Kind::DeviceConnect, every(1)), (Kind::TwinRead, every(5))],
+        [(Kind::DeviceConnect, every(1)), (Kind::TwinRead, every(8))],
         Duration::ZERO,
         Instant::now(),
     ));
