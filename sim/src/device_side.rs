@@ -16,6 +16,7 @@ use super::hub::{
     Refused, Right, SimEvent, State, Telemetry, DESIRED_FILTER, MAX_SUBSCRIPTIONS, METHODS_FILTER,
     OUTBOUND_CAPACITY, TELEMETRY_KEEP,
 };
+use super::throttle::{Admission, Kind};
 use edgetwin::identity::{SasError, SasToken, SharedKey};
 
 /// Largest device-to-cloud message the hub accepts (PROTOCOL §3.6).
@@ -270,14 +271,29 @@ impl Hub {
 
     /// `$iothub/twin/GET/?$rid=` — answered even without a `twin/res` subscription, as the
     /// Python SDK relies on (PROTOCOL §4.4).
+    /// Under a throttling tier the GET may be carried out late (shaping) or answered 429.
     pub fn twin_get(&self, conn_id: u64, module: &ModuleKey, rid: &str) {
+        match self.admit(Kind::TwinRead) {
+            Admission::Now => self.twin_get_admitted(conn_id, module, rid, false),
+            Admission::Throttled => self.twin_get_admitted(conn_id, module, rid, true),
+            Admission::After(delay) => {
+                let (hub, module, rid) = (self.clone(), module.clone(), rid.to_string());
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    hub.twin_get_admitted(conn_id, &module, &rid, false);
+                });
+            }
+        }
+    }
+
+    fn twin_get_admitted(&self, conn_id: u64, module: &ModuleKey, rid: &str, throttled: bool) {
         let mut st = self.state();
         if current(&st, conn_id, module).is_none() {
             return;
         }
         st.twin_requests += 1;
         touch(&mut st, module);
-        let (status, body) = if twin_throttled(&mut st) {
+        let (status, body) = if throttled || twin_throttled(&mut st) {
             (429, error_body(&HubError::throttled()))
         } else if twin_failed(&mut st) {
             (
@@ -313,6 +329,7 @@ impl Hub {
 
     /// `$iothub/twin/PATCH/properties/reported/?$rid=[&$version=]` — merged, persisted,
     /// then answered 204 with the new reported `$version`.
+    /// Under a throttling tier the patch may be carried out late (shaping) or answered 429.
     pub fn twin_patch_reported(
         &self,
         conn_id: u64,
@@ -321,13 +338,43 @@ impl Hub {
         expected_version: Option<u64>,
         payload: &[u8],
     ) {
+        let admission = self.admit(Kind::TwinUpdate);
+        if let Admission::After(delay) = admission {
+            let (hub, module, rid) = (self.clone(), module.clone(), rid.to_string());
+            let payload = payload.to_vec();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                hub.patch_reported_admitted(
+                    conn_id,
+                    &module,
+                    &rid,
+                    expected_version,
+                    &payload,
+                    false,
+                );
+            });
+            return;
+        }
+        let throttled = admission == Admission::Throttled;
+        self.patch_reported_admitted(conn_id, module, rid, expected_version, payload, throttled);
+    }
+
+    fn patch_reported_admitted(
+        &self,
+        conn_id: u64,
+        module: &ModuleKey,
+        rid: &str,
+        expected_version: Option<u64>,
+        payload: &[u8],
+        throttled: bool,
+    ) {
         let mut st = self.state();
         if current(&st, conn_id, module).is_none() {
             return;
         }
         st.twin_requests += 1;
         touch(&mut st, module);
-        let result = if twin_throttled(&mut st) {
+        let result = if throttled || twin_throttled(&mut st) {
             Err(HubError::throttled())
         } else if twin_failed(&mut st) {
             Err(HubError::server_error("internal error (fault)"))

@@ -22,7 +22,8 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::errors::HubError;
-use super::persist::{self, PersistedHub, Snapshot, Writer};
+use super::persist::{self, PersistedHub, Ticket, Writer};
+use super::throttle::{self, Admission, Throttle, Tier};
 use super::twin_doc::timestamp;
 use edgetwin::identity::SharedKey;
 
@@ -130,6 +131,10 @@ pub enum SimEvent {
         module: ModuleKey,
         status: i32,
     },
+    /// An operation was refused by the tier's throttle (429, or a CONNECT closed).
+    Throttled {
+        kind: throttle::Kind,
+    },
 }
 
 /// One device-to-cloud message as the hub stored it.
@@ -220,6 +225,8 @@ pub(super) struct Inner {
     pub(super) rest_authority: Mutex<Option<String>>,
     pub(super) state: Mutex<State>,
     pub(super) events: broadcast::Sender<SimEvent>,
+    /// The tier's throttles; apart from `state` so REST need not take the state lock.
+    pub(super) throttle: Mutex<Throttle>,
 }
 
 /// Handle to script faults on a running hub.
@@ -350,6 +357,7 @@ impl Hub {
                     twin_requests: 0,
                 }),
                 events,
+                throttle: Mutex::new(Throttle::default()),
             }),
         })
     }
@@ -413,6 +421,38 @@ impl Hub {
         ))
     }
 
+    /// Meters operations at `tier`'s published rates from now on (full buckets, counts
+    /// reset); [`Tier::Off`] meters nothing.
+    pub fn set_throttle(&self, tier: Tier, units: u32) {
+        *lock(&self.inner.throttle) = Throttle::new(tier, units, std::time::Instant::now());
+    }
+
+    /// Meters with `throttle` from now on (rates of one's own, another shaping queue).
+    pub fn replace_throttle(&self, throttle: Throttle) {
+        *lock(&self.inner.throttle) = throttle;
+    }
+
+    /// The tier and units being enforced.
+    pub fn throttle_tier(&self) -> (Tier, u32) {
+        let t = lock(&self.inner.throttle);
+        (t.tier(), t.units())
+    }
+
+    /// Operations accepted, delayed and throttled per kind since the tier was set.
+    pub fn throttle_counts(&self) -> throttle::Counts {
+        lock(&self.inner.throttle).counts()
+    }
+
+    /// Asks the tier's throttle about one operation of `kind` arriving now; a refusal is
+    /// announced as [`SimEvent::Throttled`].
+    pub fn admit(&self, kind: throttle::Kind) -> Admission {
+        let admission = lock(&self.inner.throttle).admit(kind, std::time::Instant::now());
+        if admission == Admission::Throttled {
+            self.emit(SimEvent::Throttled { kind });
+        }
+        admission
+    }
+
     pub(super) fn state(&self) -> MutexGuard<'_, State> {
         lock(&self.inner.state)
     }
@@ -421,15 +461,24 @@ impl Hub {
         let _ = self.inner.events.send(event);
     }
 
-    /// Takes a snapshot of the durable state; call while holding the state lock.
-    pub(super) fn snapshot(&self, st: &State) -> Snapshot {
-        self.inner.store.snapshot(&st.data)
+    /// Numbers a change to the durable state; call while holding the state lock.
+    pub(super) fn snapshot(&self, _st: &State) -> Ticket {
+        self.inner.store.ticket()
     }
 
-    /// Writes a snapshot unless a newer one already reached the disk. Called after the
-    /// state lock is released; returns only once the change is durable.
-    pub(super) fn commit(&self, snapshot: Snapshot) -> Result<(), HubError> {
-        self.inner.store.commit(snapshot).map_err(|e| {
+    /// Returns once the change is durable (one write may cover many changes). Called
+    /// after the state lock is released.
+    pub(super) fn commit(&self, ticket: Ticket) -> Result<(), HubError> {
+        let current = || {
+            // Copy under the lock, encode outside it: copying is several times cheaper
+            // than encoding a hub of many modules, and the lock holds up every client.
+            let (generation, data) = {
+                let st = self.state();
+                (self.inner.store.last_change(), st.data.clone())
+            };
+            self.inner.store.encode(generation, &data)
+        };
+        self.inner.store.commit(ticket, current).map_err(|e| {
             // The client gets a generic 500; the cause is logged here, once.
             tracing::error!(error = %e, dir = %self.inner.store.dir().display(), "emulator state write failed");
             HubError::server_error("state could not be persisted")

@@ -28,6 +28,7 @@
 //! - [`rest`]: HTTPS service REST API; it mounts [`websocket`], the MQTT-over-WebSocket
 //!   bridge, on its router.
 //! - [`server`]: [`Sim`], which binds the listeners and owns their tasks.
+//! - [`throttle`]: the tier's published rates as token buckets (`--tier`, `--units`).
 //! - [`demo`]: the tutorial end to end: emulator, registry REST and the real daemon.
 //! - [`testing`]: helpers for tests against the emulator (an MQTT test client, event
 //!   waits with a timeout instead of sleeps, a scripted HTTPS server).
@@ -50,6 +51,7 @@ pub mod rest;
 pub mod server;
 pub mod service_side;
 pub mod testing;
+pub mod throttle;
 pub mod tls;
 pub mod topics;
 pub mod twin_doc;
@@ -61,3 +63,4 @@ pub use errors::HubError;
 pub use events::{wait_for, wait_pick, WaitError};
 pub use hub::{Faults, Hub, SimEvent};
 pub use server::{Sim, SimConfig};
+pub use throttle::{Admission, Tier};

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use edgetwin_sim::aziot::AziotConfig;
-use edgetwin_sim::{Sim, SimConfig};
+use edgetwin_sim::{Sim, SimConfig, Tier};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -62,6 +62,12 @@ struct ServeArgs {
     /// The uid identityd answers (the principal); default: this process's.
     #[arg(long, value_name = "UID", requires = "aziot")]
     aziot_principal_uid: Option<u32>,
+    /// Throttle operations at this IoT Hub tier's published rates (off, free, s1, s2, s3).
+    #[arg(long, value_name = "TIER", default_value = "off")]
+    tier: Tier,
+    /// Units of the tier (rates given per unit scale with it).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    units: u32,
     /// How often automatic configurations are evaluated (the real hub: 5m).
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = edgetwin::config::duration::parse)]
     configurations_every: Duration,
@@ -120,6 +126,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         configurations_every: args.configurations_every,
     })
     .await?;
+    sim.set_throttle(args.tier, args.units);
     println!("state directory: {}", sim.state_dir().display());
     println!("CA certificate:  {}", sim.ca_path().display());
     println!(
@@ -146,7 +153,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         sim.hub_name()
     );
     wait_for_stop_signal(&sim).await?;
+    let counts = sim.throttle_counts();
     sim.shutdown().await;
+    print!("{counts}");
     Ok(())
 }
 
@@ -189,6 +198,7 @@ mod tests {
         assert_eq!(args.https.to_string(), "127.0.0.1:8443");
         assert_eq!(args.hub_name, "localhost");
         assert_eq!(args.aziot, None);
+        assert_eq!((args.tier, args.units), (Tier::Off, 1));
         assert_eq!(
             args.configurations_every,
             edgetwin_sim::server::CONFIGURATIONS_EVERY
@@ -208,6 +218,18 @@ mod tests {
             Cli::try_parse_from(["edgetwin-sim", "serve", "--aziot-principal-uid", "7"]).is_err(),
             "the principal belongs to --aziot"
         );
+    }
+
+    #[test]
+    fn serve_takes_a_tier_and_units() {
+        let cli =
+            Cli::try_parse_from(["edgetwin-sim", "serve", "--tier", "s1", "--units", "2"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!((args.tier, args.units), (Tier::S1, 2));
+        assert!(Cli::try_parse_from(["edgetwin-sim", "serve", "--tier", "s9"]).is_err());
+        assert!(Cli::try_parse_from(["edgetwin-sim", "serve", "--units", "0"]).is_err());
     }
 
     #[test]

@@ -49,6 +49,18 @@ const MAX_TOKEN_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Outbound bytes batched into one write.
 const WRITE_BATCH: usize = 64 * 1024;
 
+/// Runs hub work that may write `hub.json` (a subscription change, a reported patch)
+/// without holding up the other connections' tasks on this worker thread: a hub of many
+/// modules takes a while to encode, and a runtime has few workers. Inline where the
+/// runtime cannot hand the worker's tasks over (current-thread runtimes, as in tests).
+fn durable<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Accepts MQTT-over-TLS connections until `shutdown`; DPS clients go to `dps`.
 pub async fn serve_tls(
     listener: TcpListener,
@@ -311,7 +323,7 @@ impl Session {
             Packet::Publish(p) => self.on_publish(io, p),
             Packet::Subscribe(s) => {
                 let filters: Vec<String> = s.filters.iter().map(|f| f.path.clone()).collect();
-                let granted = hub.subscribe(self.conn_id, &self.module, &filters);
+                let granted = durable(|| hub.subscribe(self.conn_id, &self.module, &filters));
                 let codes = s
                     .filters
                     .iter()
@@ -326,7 +338,7 @@ impl Session {
                 encode(SubAck::new(s.pkid, codes).write(&mut io.wbuf))
             }
             Packet::Unsubscribe(u) => {
-                hub.unsubscribe(self.conn_id, &self.module, &u.topics);
+                durable(|| hub.unsubscribe(self.conn_id, &self.module, &u.topics));
                 encode(UnsubAck::new(u.pkid).write(&mut io.wbuf))
             }
             Packet::PingReq => encode(PingResp.write(&mut io.wbuf)),
@@ -351,9 +363,9 @@ impl Session {
         let hub = &self.hub;
         match topic {
             ClientTopic::TwinGet { rid } => hub.twin_get(self.conn_id, &self.module, &rid),
-            ClientTopic::TwinPatchReported { rid, version } => {
+            ClientTopic::TwinPatchReported { rid, version } => durable(|| {
                 hub.twin_patch_reported(self.conn_id, &self.module, &rid, version, &p.payload)
-            }
+            }),
             ClientTopic::MethodResponse { status, rid } => {
                 hub.method_response(&self.module, &rid, status, &p.payload)
             }

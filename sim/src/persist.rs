@@ -2,10 +2,10 @@
 //! twins, persistent MQTT sessions and automatic configurations, kept as one JSON file (`hub.json`) in the state
 //! directory and replaced atomically on every change so it survives `kill -9`.
 //!
-//! Besides the durable form this module owns the write ordering: [`Writer::snapshot`]
-//! encodes the state under the hub's lock and numbers it, [`Writer::commit`] writes it
-//! after the lock is released and skips any snapshot older than one already on disk. The
-//! hub uses this module; this module knows nothing of the hub.
+//! Besides the durable form this module owns the write ordering: [`Writer::ticket`]
+//! numbers a change under the hub's lock, [`Writer::commit`] (after the lock is released)
+//! writes the state as it is then unless a later write already covered the change (group
+//! commit). The hub uses this module; this module knows nothing of the hub.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -161,20 +161,29 @@ fn write(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
     edgetwin::store::write_atomic(&dir.join(FILE_NAME), bytes, 0o600)
 }
 
-/// The encoded state at one change, numbered in the order the changes were made.
-#[must_use = "a snapshot that is not committed never reaches the disk"]
+/// A change's place in the order of changes: committing it makes it, and every change
+/// before it, durable.
+#[must_use = "a change that is not committed never reaches the disk"]
+pub struct Ticket {
+    generation: u64,
+}
+
+/// The encoded state as of change number `generation`.
 pub struct Snapshot {
     generation: u64,
     bytes: Vec<u8>,
 }
 
-/// Writes snapshots of the state to `hub.json` in `dir`, never letting an older one
-/// replace a newer one that is already on disk.
+/// Writes the state to `hub.json` in `dir` by group commit: a change only takes a number
+/// (under the state's lock, so numbers follow the order of the changes); committing it
+/// encodes and writes the whole state as it is then, unless a write since the change
+/// already covered it. Under load one encoding serves every change waiting for it, so a
+/// hub of N modules costs O(N) per batch of changes rather than per change.
 pub struct Writer {
     dir: PathBuf,
-    /// Number of the last snapshot taken.
+    /// Number of the last change.
     taken: AtomicU64,
-    /// Number of the newest snapshot on disk; held while writing so writes never reorder.
+    /// Number of the newest change on disk; held while writing so writes never reorder.
     written: Mutex<u64>,
 }
 
@@ -191,26 +200,46 @@ impl Writer {
         &self.dir
     }
 
-    /// Encodes `hub`. Call it under the lock that guards `hub`, so the snapshot is
-    /// consistent and its number follows the order of the changes.
-    pub fn snapshot(&self, hub: &PersistedHub) -> Snapshot {
-        Snapshot {
+    /// Numbers a change. Call it under the lock that guards the state, after the change.
+    pub fn ticket(&self) -> Ticket {
+        Ticket {
             generation: self.taken.fetch_add(1, Ordering::SeqCst) + 1,
+        }
+    }
+
+    /// The number of the last change. Read it under the lock that guards the state, with
+    /// the copy of the state that [`Writer::encode`] is then given.
+    pub fn last_change(&self) -> u64 {
+        self.taken.load(Ordering::SeqCst)
+    }
+
+    /// Encodes `hub`, a copy of the state as of change number `generation`. Needs no lock:
+    /// the hub copies its state under its lock and encodes the copy outside it, so other
+    /// operations go on meanwhile.
+    pub fn encode(&self, generation: u64, hub: &PersistedHub) -> Snapshot {
+        Snapshot {
+            generation,
             bytes: encode(hub),
         }
     }
 
-    /// Writes `snapshot` unless a newer one already reached the disk; returns once the
-    /// change is durable. Call it after the state lock is released.
-    pub fn commit(&self, snapshot: Snapshot) -> std::io::Result<()> {
+    /// Returns once the change `ticket` is on disk: at once if a write since covered it,
+    /// otherwise after writing what `current` encodes (the state as it is then, see
+    /// [`Writer::encode`]). Never call it holding the state's lock.
+    pub fn commit(
+        &self,
+        ticket: Ticket,
+        current: impl FnOnce() -> Snapshot,
+    ) -> std::io::Result<()> {
         // A panic while holding the lock leaves a plain number behind; keep writing.
         let mut written = self
             .written
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *written >= snapshot.generation {
+        if *written >= ticket.generation {
             return Ok(());
         }
+        let snapshot = current();
         write(&self.dir, &snapshot.bytes)?;
         *written = snapshot.generation;
         Ok(())
@@ -227,20 +256,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_older_snapshot_never_replaces_a_newer_one_on_disk() {
+    fn one_write_covers_every_change_made_before_it() {
         let dir = tempfile::tempdir().unwrap();
         let writer = Writer::new(dir.path());
         let mut hub = PersistedHub::new();
-        hub.sessions.insert("old".into(), BTreeSet::new());
-        let older = writer.snapshot(&hub);
-        hub.sessions.insert("new".into(), BTreeSet::new());
-        let newer = writer.snapshot(&hub);
+        hub.sessions.insert("first".into(), BTreeSet::new());
+        let first = writer.ticket();
+        hub.sessions.insert("second".into(), BTreeSet::new());
+        let second = writer.ticket();
 
-        writer.commit(newer).unwrap();
-        writer.commit(older).unwrap();
+        let mut encodings = 0;
+        writer
+            .commit(second, || {
+                encodings += 1;
+                writer.encode(writer.last_change(), &hub)
+            })
+            .unwrap();
+        writer
+            .commit(first, || {
+                encodings += 1;
+                writer.encode(writer.last_change(), &hub)
+            })
+            .unwrap();
 
+        assert_eq!(encodings, 1, "the first change was already on disk");
         let on_disk = load(dir.path()).unwrap().expect("hub.json written");
-        assert!(on_disk.sessions.contains_key("new"));
+        assert!(on_disk.sessions.contains_key("first") && on_disk.sessions.contains_key("second"));
+    }
+
+    #[test]
+    fn a_change_after_the_last_write_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = Writer::new(dir.path());
+        let mut hub = PersistedHub::new();
+        let t = writer.ticket();
+        writer
+            .commit(t, || writer.encode(writer.last_change(), &hub))
+            .unwrap();
+        hub.sessions.insert("later".into(), BTreeSet::new());
+        let t = writer.ticket();
+        writer
+            .commit(t, || writer.encode(writer.last_change(), &hub))
+            .unwrap();
+        let on_disk = load(dir.path()).unwrap().expect("hub.json written");
+        assert!(on_disk.sessions.contains_key("later"));
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! body with an `iothub-errorcode` header. Every answer's `Date` is the hub's clock, the
 //! clock-offset fault included ([`hub_date`]), as clients read the hub's time from it.
 //! Requests are logged at debug with method, path and status, never with their headers.
+//! Under a throttling tier, registry, twin, query and configuration requests are metered
+//! first ([`throttle`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -36,6 +38,7 @@ use tokio_util::task::TaskTracker;
 use super::errors::HubError;
 use super::hub::{Hub, Right};
 use super::service_side::TwinWrite;
+use super::throttle::{Admission, Kind};
 use super::twin_doc::timestamp;
 
 mod fleet;
@@ -165,6 +168,7 @@ fn router(app: App) -> Router {
         .route("/$iothub/websocket", methods(get(websocket_upgrade)))
         .merge(fleet::routes())
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(app.clone(), throttle))
         .layer(middleware::from_fn(log_request))
         .with_state(app)
 }
@@ -235,6 +239,40 @@ fn hub_date(hub: &Hub) -> HeaderValue {
     let now = UNIX_EPOCH + Duration::from_secs(super::hub::hub_unix_now(offset));
     HeaderValue::from_str(&httpdate::fmt_http_date(now))
         .expect("an HTTP date is a valid header value")
+}
+
+/// The tier's throttles on the service API: a request of a metered kind waits its turn
+/// (shaping) or is answered 429 `ThrottlingException` before it is looked at, as the hub
+/// meters requests, not outcomes ([`crate::throttle`]).
+async fn throttle(State(app): State<App>, req: Request, next: Next) -> Response {
+    let Some(kind) = metered_kind(req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    match app.hub.admit(kind) {
+        Admission::Now => next.run(req).await,
+        Admission::After(delay) => {
+            tokio::time::sleep(delay).await;
+            next.run(req).await
+        }
+        Admission::Throttled => error_response(&HubError::throttled()),
+    }
+}
+
+/// Which throttle a service request counts against (PROTOCOL §14.4), by method and path.
+fn metered_kind(method: &axum::http::Method, path: &str) -> Option<Kind> {
+    use axum::http::Method;
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["devices", "query"] => Some(Kind::Query),
+        ["configurations", ..] => Some(Kind::Configuration),
+        ["devices", ..] => Some(Kind::RegistryOperation),
+        ["twins", _, "modules", _] | ["twins", _] => Some(if *method == Method::GET {
+            Kind::TwinRead
+        } else {
+            Kind::TwinUpdate
+        }),
+        _ => None,
+    }
 }
 
 async fn log_request(req: Request, next: Next) -> Response {
@@ -526,6 +564,31 @@ async fn invoke_method(State(app): State<App>, mut call: Call<(String, String)>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_count_against_the_throttle_of_their_kind() {
+        use axum::http::Method;
+        let kind = |m: Method, p: &str| metered_kind(&m, p);
+        assert_eq!(
+            kind(Method::GET, "/twins/d/modules/m"),
+            Some(Kind::TwinRead)
+        );
+        assert_eq!(
+            kind(Method::PATCH, "/twins/d/modules/m"),
+            Some(Kind::TwinUpdate)
+        );
+        assert_eq!(
+            kind(Method::PUT, "/devices/d/modules/m"),
+            Some(Kind::RegistryOperation)
+        );
+        assert_eq!(kind(Method::POST, "/devices/query"), Some(Kind::Query));
+        assert_eq!(
+            kind(Method::PUT, "/configurations/c1"),
+            Some(Kind::Configuration)
+        );
+        assert_eq!(kind(Method::POST, "/twins/d/modules/m/methods"), None);
+        assert_eq!(kind(Method::GET, "/$iothub/websocket"), None);
+    }
 
     #[test]
     fn the_date_header_shows_the_hubs_clock_with_its_offset() {

@@ -222,9 +222,23 @@ impl Sim {
         self.tasks.wait().await;
     }
 
+    /// Meters operations at `tier`'s published rates from now on ([`crate::throttle`]);
+    /// a [`Sim::restart`] keeps the tier, with full buckets and fresh counts.
+    pub fn set_throttle(&self, tier: crate::throttle::Tier, units: u32) {
+        self.hub.set_throttle(tier, units);
+    }
+
+    /// Operations accepted, delayed and throttled per kind since the tier was set or the
+    /// hub (re)started.
+    pub fn throttle_counts(&self) -> crate::throttle::Counts {
+        self.hub.throttle_counts()
+    }
+
     /// Stops and starts again on the same ports with the same state directory, as a hub
-    /// restart: connections drop, registry, twins and sessions survive.
+    /// restart: connections drop, registry, twins and sessions survive, and so does the
+    /// throttling tier.
     pub async fn restart(self) -> anyhow::Result<Sim> {
+        let (tier, units) = self.hub.throttle_tier();
         self.stop().await;
         let config = SimConfig {
             mqtt_addr: self.mqtt_addr,
@@ -232,7 +246,9 @@ impl Sim {
             ..self.config.clone()
         };
         drop(self);
-        Sim::start(config).await
+        let sim = Sim::start(config).await?;
+        sim.set_throttle(tier, units);
+        Ok(sim)
     }
 }
 

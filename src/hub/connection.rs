@@ -15,6 +15,9 @@
 //! corrected (tokens are then signed against hub time, [`Connection::skew_secs`]) and the
 //! connect retried at once. Otherwise the refusal backs off long ([`REFUSED_BACKOFF`]), and
 //! a changed credential ([`Connection::credentials_changed`]) retries at once.
+//!
+//! A connection lost while established waits a jittered window before its first reconnect
+//! ([`LOSS_SPREAD`]), so a fleet that lost the hub together does not return together.
 
 use std::time::Duration;
 
@@ -32,6 +35,12 @@ pub const REFUSED_BACKOFF: BackoffPolicy = BackoffPolicy {
     initial: Duration::from_secs(60),
     max: Duration::from_secs(3600),
 };
+/// A connection lost while established is what a whole fleet shares (a hub restart, a
+/// network outage): the first reconnect is drawn as if it were attempt number
+/// `LOSS_SPREAD` (from `[initial, initial·2³]`, 1–8 s by default), never at exactly
+/// `initial`, or every gateway would come back in the same instant and meet the hub's
+/// connect throttle together. Attempts after that grow from the policy's start as usual.
+pub const LOSS_SPREAD: u32 = 3;
 /// How long a graceful stop waits for the DISCONNECT to go out.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long the session may take to read the hub's time before the refusal is taken as
@@ -347,7 +356,15 @@ impl Connection {
             Failure::Other if !was_connected => actions.push(Action::ConnectFailed),
             Failure::Other => {}
         }
-        let until = now + (self.draw)(&self.policy, self.failures);
+        // Only the first reconnect after a loss is spread: later ones grow from the start
+        // of the policy, or a long outage would push the whole fleet's windows (and the
+        // time to come back once the hub is up) three doublings further out.
+        let attempt = if was_connected {
+            LOSS_SPREAD
+        } else {
+            self.failures
+        };
+        let until = now + (self.draw)(&self.policy, attempt);
         self.failures = self.failures.saturating_add(1);
         self.phase = Phase::Backoff {
             until,

@@ -17,6 +17,18 @@ use tokio::time::Instant;
 use super::backoff::BackoffPolicy;
 use super::topics;
 
+/// A 429 means the hub is over its rate for a whole fleet at once (every gateway resyncs
+/// after the same outage): its retries are drawn as from attempt number `THROTTLED_SPREAD`
+/// on (`[initial, initial·4]` at first, 1–4 s by default), never at exactly `initial`, so
+/// throttled gateways do not come back in lockstep; the window keeps doubling after that.
+/// A 5xx is one request's bad luck and starts at `initial`.
+pub const THROTTLED_SPREAD: u32 = 2;
+/// The longest wait before re-sending a throttled request (or `hub.backoff.max` if
+/// shorter). A 429 says "later", not "down": the hub answers, and windows that kept
+/// doubling to the reconnect maximum (120 s) left the last gateways of a 1,000-gateway
+/// rollout waiting long after the hub had capacity again (docs/BENCHMARKS.md, Fleet).
+pub const THROTTLED_MAX: Duration = Duration::from_secs(30);
+
 /// What a request asks of the hub.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TwinOp {
@@ -140,8 +152,13 @@ impl TwinRequests {
         let pending = self.pending.get_mut(rid)?;
         pending.deadline?;
         if status == 429 || (500..600).contains(&status) {
+            let mut policy = self.retry;
+            if status == 429 {
+                pending.attempt = pending.attempt.max(THROTTLED_SPREAD);
+                policy.max = policy.max.min(THROTTLED_MAX);
+            }
             pending.deadline = None;
-            pending.retry_at = Some(now + self.retry.delay(pending.attempt));
+            pending.retry_at = Some(now + policy.delay(pending.attempt));
             self.waiting.push(rid.to_owned());
             return None;
         }
@@ -277,6 +294,47 @@ mod tests {
             None,
             "a late answer to the old rid is ignored"
         );
+    }
+
+    #[test]
+    fn throttled_retries_are_spread_over_a_growing_window_and_server_errors_are_not() {
+        let policy = BackoffPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(120),
+        };
+        let mut firsts = std::collections::BTreeSet::new();
+        for _ in 0..100 {
+            let now = Instant::now();
+            let mut r = TwinRequests::new(Duration::from_secs(10), policy);
+            let p = r.start(TwinOp::Get, now);
+            r.response(&rid_of(&p), 429, None, Bytes::new(), now);
+            let first = r.next_wakeup().unwrap() - now;
+            assert!((1..=4).contains(&first.as_secs()), "{first:?}");
+            firsts.insert(first.as_millis() / 250);
+            let again = r.due(now + first);
+            r.response(&rid_of(&again[0]), 429, None, Bytes::new(), now + first);
+            let second = r.next_wakeup().unwrap() - (now + first);
+            assert!(second <= Duration::from_secs(8), "{second:?}");
+        }
+        // However many times in a row, never longer than THROTTLED_MAX.
+        let now = Instant::now();
+        let mut r = TwinRequests::new(Duration::from_secs(10), policy);
+        let mut p = r.start(TwinOp::Get, now);
+        let mut at = now;
+        for _ in 0..12 {
+            r.response(&rid_of(&p), 429, None, Bytes::new(), at);
+            let next = r.next_wakeup().unwrap();
+            assert!(next - at <= THROTTLED_MAX, "{:?}", next - at);
+            at = next;
+            p = r.due(at).pop().expect("re-sent");
+        }
+        assert!(firsts.len() > 4, "throttled retries spread: {firsts:?}");
+
+        let now = Instant::now();
+        let mut r = TwinRequests::new(Duration::from_secs(10), policy);
+        let p = r.start(TwinOp::Get, now);
+        r.response(&rid_of(&p), 503, None, Bytes::new(), now);
+        assert_eq!(r.next_wakeup(), Some(now + Duration::from_secs(1)));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! CONNECT: protocol level, credentials and will checked, the hub asked, CONNACK sent.
 //! Every refusal the hub makes is CONNACK 5 (PROTOCOL §3.4); an unsupported protocol level
-//! gets CONNACK 1 as MQTT 3.1.1 requires.
+//! gets CONNACK 1 as MQTT 3.1.1 requires. Under a throttling tier a CONNECT may first wait
+//! for its turn, or be closed unanswered ([`crate::throttle`]).
 
 use std::io;
 
@@ -13,6 +14,7 @@ use tracing::debug;
 
 use super::packet_io::PacketIo;
 use crate::hub::{Accepted, Hub, SimEvent};
+use crate::throttle::{Admission, Kind};
 use crate::topics::{parse_publish_topic, ClientTopic};
 
 /// Checks the CONNECT, asks the hub, and answers CONNACK. `None` when refused (the
@@ -54,6 +56,9 @@ where
         }
     };
     let login = connect.login.as_ref()?;
+    if !admitted(io, hub, client_id, shutdown).await {
+        return None;
+    }
     match hub.connect(
         client_id,
         &login.username,
@@ -89,6 +94,35 @@ where
             let _ = io.flush(shutdown).await;
             io.shutdown().await;
             None
+        }
+    }
+}
+
+/// The tier's connect throttle: a shaped CONNECT waits for its turn; a throttled one is
+/// closed without a CONNACK, as the hub does ([`crate::throttle`]), never CONNACK 5, which
+/// clients take for bad credentials.
+async fn admitted<S>(
+    io: &mut PacketIo<S>,
+    hub: &Hub,
+    client_id: &str,
+    shutdown: &CancellationToken,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match hub.admit(Kind::DeviceConnect) {
+        Admission::Now => true,
+        Admission::After(delay) => tokio::select! {
+            () = shutdown.cancelled() => false,
+            () = tokio::time::sleep(delay) => true,
+        },
+        Admission::Throttled => {
+            debug!(
+                client_id,
+                "emulator: MQTT CONNECT throttled, connection closed"
+            );
+            io.shutdown().await;
+            false
         }
     }
 }

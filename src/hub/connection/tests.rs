@@ -118,19 +118,20 @@ fn token_is_renewed_at_80_percent_of_its_lifetime_by_a_planned_reconnect() {
 
 #[test]
 fn an_error_after_the_renewal_disconnect_reconnects_at_once_and_is_not_a_failure() {
-    let now = Instant::now();
-    let mut c = connected(now);
-    c.failed(Failure::Other, now);
-    c.timer(now + secs(1));
-    c.connack(false, now + secs(1));
-    c.timer(now + secs(81));
+    let start = Instant::now();
+    let mut c = connected(start);
+    c.failed(Failure::Other, start);
+    let now = c.next_wakeup().expect("a backoff deadline");
+    c.timer(now);
+    c.connack(false, now);
+    c.timer(now + secs(80));
     assert_eq!(
-        c.failed(REFUSED, now + secs(81)),
+        c.failed(REFUSED, now + secs(80)),
         vec![Action::Lost { planned: true }, Action::Connect],
         "no refusal counted, no backoff"
     );
     assert_eq!(
-        backoff_after(&mut c, Failure::Other, now + secs(82)),
+        backoff_after(&mut c, Failure::Other, now + secs(81)),
         secs(1),
         "the next real failure is the first since the last success"
     );
@@ -153,11 +154,75 @@ fn a_lost_connection_backs_off_with_growing_capped_delays_and_resets_after_succe
         assert_eq!(c.timer(now), vec![Action::Connect]);
         delays.push(backoff_after(&mut c, Failure::Other, now));
     }
-    assert_eq!(delays, [secs(1), secs(2), secs(4), secs(8), secs(8)]);
+    // The loss is spread over 1..=8 s (drawn at its ceiling here); the failed attempts
+    // after it grow from the start of the policy, up to its cap.
+    assert_eq!(delays, [secs(8), secs(2), secs(4), secs(8), secs(8)]);
     now = c.next_wakeup().expect("a backoff deadline");
     c.timer(now);
     c.connack(true, now);
+    assert_eq!(backoff_after(&mut c, Failure::Other, now), secs(8));
+}
+
+/// Records the attempt numbers the machine draws delays for.
+fn attempt_as_secs(_: &BackoffPolicy, attempt: u32) -> Duration {
+    secs(u64::from(attempt) + 1)
+}
+
+#[test]
+fn a_lost_connection_draws_its_first_reconnect_from_a_spread_window_then_grows_as_usual() {
+    let mut now = Instant::now();
+    let policy = BackoffPolicy {
+        initial: secs(1),
+        max: secs(120),
+    };
+    let mut c = Connection::with_draw(TTL, policy, REFUSED_POLICY, attempt_as_secs);
+    c.start();
+    c.connack(false, now);
+    let mut attempts = Vec::new();
+    c.failed(Failure::Other, now);
+    for _ in 0..3 {
+        let at = c.next_wakeup().expect("a backoff deadline");
+        attempts.push((at - now).as_secs() - 1);
+        now = at;
+        c.timer(now);
+        c.failed(Failure::Other, now);
+    }
+    assert_eq!(attempts, [u64::from(LOSS_SPREAD), 1, 2]);
+}
+
+#[test]
+fn connect_failures_before_any_connection_start_at_the_first_attempt() {
+    let now = Instant::now();
+    let mut c = Connection::with_draw(
+        TTL,
+        BackoffPolicy::default(),
+        REFUSED_POLICY,
+        attempt_as_secs,
+    );
+    c.start();
     assert_eq!(backoff_after(&mut c, Failure::Other, now), secs(1));
+}
+
+#[test]
+fn the_spread_window_after_a_loss_is_jittered_within_the_policy() {
+    let policy = BackoffPolicy {
+        initial: secs(1),
+        max: secs(120),
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        let now = Instant::now();
+        let mut c = Connection::new(TTL, policy, REFUSED_POLICY);
+        c.start();
+        c.connack(false, now);
+        let delay = backoff_after(&mut c, Failure::Other, now);
+        assert!((secs(1)..=secs(8)).contains(&delay), "{delay:?}");
+        seen.insert(delay.as_millis() / 1000);
+    }
+    assert!(
+        seen.len() > 3,
+        "reconnects spread over the window: {seen:?}"
+    );
 }
 
 #[test]
