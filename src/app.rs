@@ -3,7 +3,7 @@
 //!
 //! It loads the persisted state and puts it in force before any network I/O (a corrupt
 //! or foreign `state.json` is moved aside), sends READY, provisions the module identity
-//! on first boot (see `first_boot_credentials`), spawns the agent, the hub session and
+//! on first boot (`first_boot`), spawns the agent, the hub session and
 //! the watchdog feeder on its own [`TaskTracker`], keeps `STATUS=` fed, applies reloads,
 //! and stops in order: agent (state flushed) first, then the session (MQTT DISCONNECT),
 //! each within a grace period, then waits for the tracker: no task outlives [`run_with`].
@@ -18,18 +18,22 @@
 //! - `reprovision`: with `device`/`dps`, the module identity provisioned once more after
 //!   repeated refusals (a deleted, re-created or re-keyed module).
 //! - `aziot`: with `[aziot]`, the module identity asked of aziot-identityd at start.
+//! - `first_boot`: the module credential from the configuration, or provisioned on first
+//!   boot (`first_boot_credentials`) with the watchdog fed and reloads kept meanwhile.
 //!
 //! A refused credential never stops the daemon: the session checks the clock, then backs
 //! off long, and `STATUS=` says so until a new credential is accepted.
 
 mod aziot;
 mod credential;
+mod first_boot;
 mod reprovision;
 mod signals;
 mod status;
 
 pub use signals::handle_signals;
 
+use first_boot::{first_boot_credentials, module_credentials, Waiting};
 use status::{twin_words, Describe, Status};
 
 use std::path::{Path, PathBuf};
@@ -41,8 +45,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::agent::{Agent, AgentConfig, AgentControl, AgentLinks};
-use crate::config::{ProvisioningMethod, Settings};
-use crate::hub::backoff::Backoff;
+use crate::config::Settings;
 use crate::hub::session::{ConnectionState, Session, SessionConfig};
 use crate::hub::signer::Signer;
 use crate::identity::{ModuleCredentials, ModuleIdentity};
@@ -363,172 +366,6 @@ enum Start {
     Known(ModuleCredentials),
     Aziot(ModuleIdentity),
     FirstBoot(Box<Plan>),
-}
-
-/// The module credential; `None` when it is still to be provisioned (first boot with a
-/// `[provisioning] method`).
-fn module_credentials(settings: &Settings) -> Result<Option<ModuleCredentials>, AppError> {
-    let Some(text) = settings
-        .module_credentials()
-        .map_err(|e| AppError::Config(e.to_string()))?
-    else {
-        if settings.provisioning.method != ProvisioningMethod::None {
-            return Ok(None);
-        }
-        return Err(AppError::Config(
-            "no module credentials: set hub.connection_string(_file), run `edgetwin provision`, \
-             or choose a [provisioning] method"
-                .into(),
-        ));
-    };
-    text.trim()
-        .parse::<ModuleCredentials>()
-        .map(Some)
-        .map_err(|e| AppError::Config(format!("module connection string: {e}")))
-}
-
-/// First boot: provisions the module identity with the configured method (its secret
-/// was read once, into `plan`, and is never read again once `module.connstr` exists),
-/// retrying with the hub backoff (or what DPS asked, if longer) while the hub or DPS is
-/// unreachable or throttling, and returns the module credential it wrote. A refusal (401:
-/// a policy without registry write rights, a wrong device key; or DPS refusing the
-/// enrollment key or the enrollment) keeps it waiting with the refused backoff and a plan
-/// made anew; other failures are final and returned, not logged. `None` when `shutdown`
-/// came first.
-///
-/// The watchdog is fed on its period meanwhile: every attempt is bounded by the registry
-/// client's request timeout and retry limits, so this loop cannot wedge unnoticed.
-async fn first_boot_credentials(
-    settings: &Settings,
-    mut plan: Plan,
-    waiting: &mut Waiting<'_>,
-    shutdown: &CancellationToken,
-) -> Result<Option<ModuleCredentials>, AppError> {
-    let mut backoff = Backoff::new(settings.hub.backoff);
-    let mut refused = Backoff::new(settings.hub.refused_backoff);
-    tracing::info!(
-        edgetwin_event = "provisioning",
-        hub = %plan.host_name,
-        method = plan.method.as_str(),
-        "no module credential yet; provisioning the module identity"
-    );
-    loop {
-        let attempt = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            r = waiting.on(plan.run()) => r,
-        };
-        match attempt {
-            Ok(done) => {
-                tracing::info!(
-                    edgetwin_event = "provisioned",
-                    device_created = done.device_created,
-                    module_created = done.module_created,
-                    keys_set = done.keys_set,
-                    credential = %done.credential_file.display(),
-                    "module identity provisioned; the provisioning secret is no longer needed"
-                );
-                break;
-            }
-            Err(e) if e.is_retryable() => {
-                // DPS may ask for longer than our backoff: what it asked wins.
-                let pause = backoff
-                    .next_delay()
-                    .max(e.retry_after().unwrap_or_default());
-                tracing::warn!(
-                    edgetwin_event = "provision_retry",
-                    error = %e,
-                    retry_in_ms = pause.as_millis() as u64,
-                    "hub unreachable; provisioning again later"
-                );
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(None),
-                    _ = waiting.on(tokio::time::sleep(pause)) => {}
-                }
-            }
-            // A refused secret is fixed by someone replacing it: the daemon stays up (a
-            // unit that exits here would restart every few seconds against the hub) and
-            // tries again after a long backoff, reading the secret anew each time.
-            Err(e) if e.is_refused() => {
-                let pause = refused.next_delay();
-                let minutes = pause.as_secs().div_ceil(60);
-                // DPS refusals (a wrong enrollment key, a disabled or unknown enrollment)
-                // are treated alike: someone must change the key or the enrollment.
-                let by = match &e {
-                    ProvisionError::Dps(_) => "DPS",
-                    _ => "the hub",
-                };
-                tracing::error!(
-                    edgetwin_event = "provision_refused",
-                    error = %e,
-                    retry_in_s = pause.as_secs(),
-                    refused_by = by,
-                    "provisioning refused; trying again later"
-                );
-                waiting.status = format!(
-                    "provisioning refused by {by} {}; retrying in {minutes} min; \
-                     fix the provisioning secret",
-                    plan.host_name
-                );
-                waiting.notifier.status(&waiting.status);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(None),
-                    _ = waiting.on(tokio::time::sleep(pause)) => {}
-                }
-                plan = Plan::from_settings(settings, None).map_err(AppError::Provision)?;
-            }
-            // Reported once by the caller; the message says what is wrong.
-            Err(e) => return Err(AppError::Provision(e)),
-        }
-    }
-    module_credentials(settings)?
-        .map(Some)
-        .ok_or_else(|| AppError::Internal("the provisioned module credential is missing".into()))
-}
-
-/// What goes on while provisioning besides the work itself: the watchdog is fed, and
-/// reloads (SIGHUP) are answered with READY=1 and kept, the newest winning, to be applied
-/// once the agent runs (so `handle_signals` never blocks on a full reload channel).
-struct Waiting<'a> {
-    notifier: &'a Notifier,
-    reloads: &'a mut mpsc::Receiver<Settings>,
-    deferred: Option<Settings>,
-    /// `STATUS=` while provisioning.
-    status: String,
-}
-
-impl Waiting<'_> {
-    async fn on<F: std::future::Future>(&mut self, work: F) -> F::Output {
-        let work = watchdog_fed(self.notifier, work);
-        tokio::pin!(work);
-        loop {
-            tokio::select! {
-                out = &mut work => return out,
-                Some(new) = self.reloads.recv() => {
-                    tracing::info!(
-                        edgetwin_event = "reload_deferred",
-                        "configuration re-read while provisioning; applied once connected"
-                    );
-                    self.deferred = Some(new);
-                    self.notifier.ready(&self.status);
-                }
-            }
-        }
-    }
-}
-
-/// Awaits `work`, sending `WATCHDOG=1` on the watchdog period meanwhile (when enabled).
-async fn watchdog_fed<F: std::future::Future>(notifier: &Notifier, work: F) -> F::Output {
-    let Some(period) = notifier.watchdog_period() else {
-        return work.await;
-    };
-    tokio::pin!(work);
-    let mut tick = tokio::time::interval(period);
-    loop {
-        tokio::select! {
-            out = &mut work => return out,
-            _ = tick.tick() => notifier.watchdog(),
-        }
-    }
 }
 
 /// Assembles the session's configuration from values `config` already validated (proxy,
