@@ -21,7 +21,8 @@
 //! - [`mqtt`]: MQTT 3.1.1 server (TLS and WebSocket transports) for module clients.
 //! - [`rest`]: HTTPS service REST API; it mounts [`websocket`], the MQTT-over-WebSocket
 //!   bridge, on its router.
-//! - [`server`]: [`Sim`], which binds the listeners and owns their tasks.
+//! - [`server`]: [`Sim`], which binds the listeners and owns their tasks; [`wire`]
+//!   counts each connection's bytes beneath TLS and whether its handshake resumed.
 //! - [`demo`]: the tutorial end to end: emulator, registry REST and the real daemon.
 //! - [`testing`]: helpers for tests against the emulator (an MQTT test client, event
 //!   waits with a timeout instead of sleeps, a scripted HTTPS server).
@@ -45,6 +46,7 @@ pub mod tls;
 pub mod topics;
 pub mod twin_doc;
 pub mod websocket;
+pub mod wire;
 
 pub use dps::Dps;
 pub use errors::HubError;

@@ -28,7 +28,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,6 +37,7 @@ use super::errors::HubError;
 use super::hub::{Hub, Right};
 use super::service_side::TwinWrite;
 use super::twin_doc::timestamp;
+use super::wire::{Counted, Listener, WireLog};
 
 /// How long a client may take to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,6 +62,7 @@ pub async fn serve(
     acceptor: TlsAcceptor,
     hub: Hub,
     extra: Router,
+    wire: WireLog,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -89,7 +91,7 @@ pub async fn serve(
             }
         };
         tasks.spawn(serve_tcp(
-            tcp,
+            wire.count(Listener::Https, tcp),
             acceptor.clone(),
             app.clone(),
             shutdown.clone(),
@@ -102,7 +104,7 @@ pub async fn serve(
 /// One TCP connection: TLS handshake, then HTTP/1.1 with upgrades until the client closes
 /// or the emulator stops (in-flight requests finish first).
 async fn serve_tcp(
-    tcp: TcpStream,
+    tcp: Counted,
     acceptor: TlsAcceptor,
     app: Router,
     shutdown: CancellationToken,
@@ -112,7 +114,10 @@ async fn serve_tcp(
     let tls = tokio::select! {
         () = shutdown.cancelled() => return,
         r = handshake => match r {
-            Ok(Ok(tls)) => tls,
+            Ok(Ok(tls)) => {
+                super::wire::handshake_done(&tls);
+                tls
+            }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "HTTPS TLS handshake failed");
                 return;
