@@ -12,6 +12,7 @@
 //! - [`systemd`]: sd_notify READY/STATUS/RELOADING/STOPPING and the progress-gated watchdog.
 //! - [`app`]: the supervisor; `app::run(settings, shutdown)` is the daemon's one entry point.
 //! - [`logging`]: tracing to journald or stderr, reloadable level.
+//! - [`memory`]: free heap pages back to the kernel after a burst.
 //! - [`agent`]: sole owner of the runtime state: applies, persists, acknowledges,
 //!   telemetry, direct methods, change hook.
 //! - [`registry`]: the service REST client (registry, twins, methods).
@@ -28,6 +29,7 @@ pub mod config;
 pub mod hub;
 pub mod identity;
 pub mod logging;
+pub mod memory;
 pub mod provision;
 pub mod registry;
 pub mod store;
