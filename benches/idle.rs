@@ -488,6 +488,14 @@ fn main() -> Result<()> {
         b_steady.secs
     );
     days.push(DayModel {
+        name: "edgetwin as shipped but telemetry off (keep-alive 60 s, token 1 h)".into(),
+        first: b_steady.first,
+        steady_payload_per_s: b_steady.window.payload() / b_steady.secs,
+        steady_ip_per_s: b_steady.window.ip() / b_steady.secs,
+        steady_billed_per_day: 0.0,
+        ..days[0].clone()
+    });
+    days.push(DayModel {
         name: format!(
             "edgetwin for metered links (keep-alive {METERED_KEEP_ALIVE:.0} s, token {:.0} h, telemetry off)",
             METERED_TTL / 3600.0
