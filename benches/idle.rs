@@ -28,7 +28,8 @@
 //!
 //! Environment: `EDGETWIN_IDLE_SECS` (180) per phase; `EDGETWIN_BENCH_PYTHON` (default
 //! `.venv/bin/python`, `0` skips it); `EDGETWIN_BENCH_BIN` (the daemon to measure).
-//! The emulator listens on 127.0.0.1:8883 (the Python SDK cannot dial another port).
+//! The emulator listens on 127.0.0.1:8883 (the Python SDK cannot dial another port), or on
+//! a free port when Python is skipped.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -95,16 +96,18 @@ struct Hubside {
 }
 
 impl Hubside {
-    fn start(state: &Path) -> Result<Hubside> {
+    /// On 127.0.0.1:8883 when the Python SDK is measured (it dials no other port), else
+    /// on a free port.
+    fn start(state: &Path, port: u16) -> Result<Hubside> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
         let mut config = SimConfig::ephemeral(state);
-        config.mqtt_addr = SocketAddr::from(([127, 0, 0, 1], MQTT_PORT));
+        config.mqtt_addr = SocketAddr::from(([127, 0, 0, 1], port));
         let sim = rt
             .block_on(Sim::start(config))
-            .context("the emulator needs 127.0.0.1:8883 free")?;
+            .with_context(|| format!("the emulator needs 127.0.0.1:{port} free"))?;
         let hub = sim.hub();
         hub.put_device(DEVICE, &json!({}), None)
             .map_err(|e| anyhow!("device: {e:?}"))?;
@@ -249,11 +252,12 @@ fn spawn(client: &Client, hub: &Hubside, module: &str, work: &Path) -> Result<Ru
             std::fs::write(
                 &config,
                 format!(
-                    "[hub]\nconnection_string_file = {:?}\ngateway_host = \"127.0.0.1:{MQTT_PORT}\"\n\
+                    "[hub]\nconnection_string_file = {:?}\ngateway_host = \"127.0.0.1:{}\"\n\
                      ca_file = {:?}\nsas_ttl = \"{sas_ttl}\"\nkeep_alive = \"{keep_alive}\"\n\n\
                      [telemetry]\nenabled = {telemetry}\n\n[state]\ndir = {:?}\n\n\
                      [log]\nlevel = \"info\"\nformat = \"text\"\n",
                     connstr_file.display().to_string(),
+                    hub.sim.mqtt_addr().port(),
                     ca.display().to_string(),
                     dir.join("state").display().to_string(),
                 ),
@@ -413,7 +417,7 @@ fn main() -> Result<()> {
         load.trim()
     );
     println!("daemon binary: {}", bin().display());
-    let work = Path::new(REPO).join("target/bench-idle");
+    let work = Path::new(REPO).join(format!("target/bench-idle-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let sim_dir = tempfile::Builder::new()
@@ -423,7 +427,8 @@ fn main() -> Result<()> {
         } else {
             "/tmp"
         })?;
-    let hub = Hubside::start(&sim_dir.path().join("state"))?;
+    let port = if python().is_some() { MQTT_PORT } else { 0 };
+    let hub = Hubside::start(&sim_dir.path().join("state"), port)?;
 
     let shipped = Client::Edgetwin {
         sas_ttl: "1h",
