@@ -30,7 +30,9 @@
 //! - `EDGETWIN_BENCH_QUICK=1`: a fast smoke (small counts, short idle, one repetition);
 //! - `EDGETWIN_BENCH_REPEATS` (3): repetitions of each measurement; medians are printed;
 //! - `EDGETWIN_BENCH_PACED` (1000), `EDGETWIN_BENCH_BURST` (10000): patch counts;
-//! - `EDGETWIN_BENCH_BURSTS` (8): bursts per receiver (RSS is read after each);
+//! - `EDGETWIN_BENCH_BURSTS` (8): bursts per receiver (RSS is read at the end of each
+//!   and again after 4 s of quiet);
+//! - `EDGETWIN_BENCH_TMPFS=0`: skip the run with the daemon's state on tmpfs;
 //! - `EDGETWIN_BENCH_BIN`: the daemon binary to measure (default: the one cargo built,
 //!   `target/release/edgetwin`), e.g. a build of another release profile;
 //! - `EDGETWIN_BENCH_GAP_MS` (0): pause between a paced patch's ack and the next patch;
@@ -75,6 +77,8 @@ const PROPERTY: &str = "telemetryInterval";
 const MQTT_PORT: u16 = 8883;
 const WAIT: Duration = Duration::from_secs(60);
 const BURST_WAIT: Duration = Duration::from_secs(900);
+/// Quiet after each burst before RSS is read again.
+const SETTLE: Duration = Duration::from_secs(4);
 const BUILT_BIN: &str = env!("CARGO_BIN_EXE_edgetwin");
 
 /// The daemon under test: `EDGETWIN_BENCH_BIN`, else the one cargo built.
@@ -623,6 +627,7 @@ struct Row {
     rss_start_kib: f64,
     rss_burst_kib: f64,
     rss_each_burst_kib: Vec<f64>,
+    rss_settled_kib: Vec<f64>,
     rss_anon_start_kib: f64,
     rss_file_start_kib: f64,
     rss_idle_kib: f64,
@@ -867,6 +872,10 @@ fn steady(
         burst(hub, module, opts.burst, row)?;
         row.rss_each_burst_kib
             .push(rss_kib(pid, "VmRSS:").map_or(f64::NAN, |v| v as f64));
+        // Settled: edgetwin gives a burst's heap back after 2 s of quiet.
+        thread::sleep(SETTLE);
+        row.rss_settled_kib
+            .push(rss_kib(pid, "VmRSS:").map_or(f64::NAN, |v| v as f64));
     }
     stop_profilers(profilers);
     thread::sleep(Duration::from_secs(1));
@@ -1063,13 +1072,14 @@ fn print_raw(name: &str, row: &Row) {
             println!("  {label:<26} {}", list(v));
         }
     }
-    if !row.rss_each_burst_kib.is_empty() {
-        let mib: Vec<String> = row
-            .rss_each_burst_kib
-            .iter()
-            .map(|k| format!("{:.2}", k / 1024.0))
-            .collect();
-        println!("  {:<26} {}", "RSS after each burst (MiB)", mib.join(", "));
+    for (label, list) in [
+        ("RSS at each burst's end", &row.rss_each_burst_kib),
+        ("RSS 4 s after each burst", &row.rss_settled_kib),
+    ] {
+        if !list.is_empty() {
+            let mib: Vec<String> = list.iter().map(|k| format!("{:.2}", k / 1024.0)).collect();
+            println!("  {label:<26} {} MiB", mib.join(", "));
+        }
     }
     for note in &row.burst_notes {
         println!("  burst: {note}");
@@ -1144,6 +1154,7 @@ fn main() -> Result<()> {
     daemon.stop();
     result?;
 
+    let tmpfs_wanted = std::env::var("EDGETWIN_BENCH_TMPFS").map_or(true, |v| v != "0");
     eprintln!("edgetwin, state on tmpfs");
     let tmpfs_state = tempfile::Builder::new()
         .prefix("edgetwin-bench-state-")
@@ -1152,7 +1163,11 @@ fn main() -> Result<()> {
     let mut tmpfs = Row::new();
     let daemon = spawn_daemon(&files, &files.config)?;
     daemon.wait_ready()?;
-    let result = steady(&opts, &mut hub, &daemon, Kind::Rust, false, &mut tmpfs);
+    let result = if tmpfs_wanted {
+        steady(&opts, &mut hub, &daemon, Kind::Rust, false, &mut tmpfs)
+    } else {
+        Ok(())
+    };
     daemon.stop();
     result?;
 
