@@ -34,7 +34,12 @@ async fn the_renewal_reconnect_resumes_the_tls_session() {
     daemon.stop().await.expect("clean stop");
 
     assert!(conns.len() >= 3, "{conns:?}");
-    assert_eq!(conns[0].resumed, Some(false), "first connect: {:?}", conns[0]);
+    assert_eq!(
+        conns[0].resumed,
+        Some(false),
+        "first connect: {:?}",
+        conns[0]
+    );
     for c in &conns[1..] {
         assert_eq!(c.resumed, Some(true), "renewal reconnect: {c:?}");
     }

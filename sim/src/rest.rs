@@ -103,12 +103,7 @@ pub async fn serve(
 
 /// One TCP connection: TLS handshake, then HTTP/1.1 with upgrades until the client closes
 /// or the emulator stops (in-flight requests finish first).
-async fn serve_tcp(
-    tcp: Counted,
-    acceptor: TlsAcceptor,
-    app: Router,
-    shutdown: CancellationToken,
-) {
+async fn serve_tcp(tcp: Counted, acceptor: TlsAcceptor, app: Router, shutdown: CancellationToken) {
     let _ = tcp.set_nodelay(true);
     let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
     let tls = tokio::select! {

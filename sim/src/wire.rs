@@ -202,7 +202,9 @@ impl Counted {
     fn read_segments(&self) {
         if let Some((segs_in, segs_out)) = tcp_segments(&self.tcp) {
             self.counters.segments_in.store(segs_in, Ordering::Relaxed);
-            self.counters.segments_out.store(segs_out, Ordering::Relaxed);
+            self.counters
+                .segments_out
+                .store(segs_out, Ordering::Relaxed);
         }
     }
 }
@@ -266,7 +268,9 @@ impl AsyncWrite for Counted {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.tcp).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = polled {
-            self.counters.to_client.fetch_add(n as u64, Ordering::Relaxed);
+            self.counters
+                .to_client
+                .fetch_add(n as u64, Ordering::Relaxed);
         }
         polled
     }
@@ -278,7 +282,9 @@ impl AsyncWrite for Counted {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = polled {
-            self.counters.to_client.fetch_add(n as u64, Ordering::Relaxed);
+            self.counters
+                .to_client
+                .fetch_add(n as u64, Ordering::Relaxed);
         }
         polled
     }
