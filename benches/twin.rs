@@ -635,6 +635,7 @@ struct Row {
     rss_anon_kib: f64,
     rss_file_kib: f64,
     idle_cpu_pct: f64,
+    work_cpu_s: f64,
 }
 
 impl Row {
@@ -649,6 +650,7 @@ impl Row {
             rss_anon_kib: f64::NAN,
             rss_file_kib: f64::NAN,
             idle_cpu_pct: f64::NAN,
+            work_cpu_s: f64::NAN,
             ..Row::default()
         }
     }
@@ -859,6 +861,7 @@ fn steady(
     row.rss_anon_start_kib = rss_kib(pid, "RssAnon:").map_or(f64::NAN, |v| v as f64);
     row.rss_file_start_kib = rss_kib(pid, "RssFile:").map_or(f64::NAN, |v| v as f64);
 
+    let work_c0 = cpu_ticks(pid);
     let profilers = match (&opts.profile, kind) {
         (Some(dir), Kind::Rust) => start_profiler(dir, pid, full)?,
         _ => Vec::new(),
@@ -878,6 +881,11 @@ fn steady(
             .push(rss_kib(pid, "VmRSS:").map_or(f64::NAN, |v| v as f64));
     }
     stop_profilers(profilers);
+    // CPU time for the same work (paced and bursts): less sensitive to other load than
+    // wall-clock latency, so release profiles can be compared on a busy machine.
+    if let (Some(c0), Some(c1)) = (work_c0, cpu_ticks(pid)) {
+        row.work_cpu_s = (c1 - c0) as f64 / clock_ticks_per_sec() as f64;
+    }
     thread::sleep(Duration::from_secs(1));
     row.rss_burst_kib = rss_kib(pid, "VmRSS:").map_or(f64::NAN, |v| v as f64);
     if !full {
@@ -1022,6 +1030,7 @@ fn print_table(rust: &Row, tmpfs: &Row, py: Option<&Row>) {
         ("  of which file-backed (code, libraries)", rust.rss_file_kib, pv(|r| r.rss_file_kib), "MiB"),
         ("peak RSS (VmHWM)", rust.rss_peak_kib, pv(|r| r.rss_peak_kib), "MiB"),
         ("idle CPU (of one core)", rust.idle_cpu_pct, pv(|r| r.idle_cpu_pct), "%"),
+        ("CPU time for the paced and burst work", rust.work_cpu_s, pv(|r| r.work_cpu_s), "s"),
     ];
     println!();
     println!(
