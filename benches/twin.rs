@@ -628,6 +628,7 @@ struct Row {
     rss_burst_kib: f64,
     rss_each_burst_kib: Vec<f64>,
     rss_settled_kib: Vec<f64>,
+    rss_settled_anon_kib: Vec<f64>,
     rss_anon_start_kib: f64,
     rss_file_start_kib: f64,
     rss_idle_kib: f64,
@@ -879,6 +880,8 @@ fn steady(
         thread::sleep(SETTLE);
         row.rss_settled_kib
             .push(rss_kib(pid, "VmRSS:").map_or(f64::NAN, |v| v as f64));
+        row.rss_settled_anon_kib
+            .push(rss_kib(pid, "RssAnon:").map_or(f64::NAN, |v| v as f64));
     }
     stop_profilers(profilers);
     // CPU time for the same work (paced and bursts): less sensitive to other load than
@@ -1084,6 +1087,7 @@ fn print_raw(name: &str, row: &Row) {
     for (label, list) in [
         ("RSS at each burst's end", &row.rss_each_burst_kib),
         ("RSS 4 s after each burst", &row.rss_settled_kib),
+        ("  of which anonymous", &row.rss_settled_anon_kib),
     ] {
         if !list.is_empty() {
             let mib: Vec<String> = list.iter().map(|k| format!("{:.2}", k / 1024.0)).collect();
