@@ -27,7 +27,8 @@
 //! the segment counts; link-layer framing (cellular or Ethernet) is not included.
 //!
 //! Environment: `EDGETWIN_IDLE_SECS` (180) per phase; `EDGETWIN_BENCH_PYTHON` (default
-//! `.venv/bin/python`, `0` skips it); `EDGETWIN_BENCH_BIN` (the daemon to measure).
+//! `.venv/bin/python`, `0` skips it); `EDGETWIN_BENCH_BIN` (the daemon to measure; bytes do
+//! not depend on its build).
 //! The emulator listens on 127.0.0.1:8883 (the Python SDK cannot dial another port), or on
 //! a free port when Python is skipped.
 

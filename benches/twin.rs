@@ -33,8 +33,11 @@
 //! - `EDGETWIN_BENCH_BURSTS` (8): bursts per receiver (RSS is read at the end of each
 //!   and again after 4 s of quiet);
 //! - `EDGETWIN_BENCH_TMPFS=0`: skip the run with the daemon's state on tmpfs;
-//! - `EDGETWIN_BENCH_BIN`: the daemon binary to measure (default: the one cargo built,
-//!   `target/release/edgetwin`), e.g. a build of another release profile;
+//! - `EDGETWIN_BENCH_BIN`: the daemon binary to measure, e.g. a build of another release
+//!   profile. The default is the one cargo builds for the bench (`target/release/edgetwin`),
+//!   which unwinds: cargo ignores `panic = "abort"` for bench builds. To measure the
+//!   shipped binary, build it with `cargo build --release -p edgetwin` and copy it out of
+//!   `target/release` first (docs/BENCHMARKS.md, "How to reproduce");
 //! - `EDGETWIN_BENCH_GAP_MS` (0): pause between a paced patch's ack and the next patch;
 //! - `EDGETWIN_BENCH_CPU_SECS` (60): the idle CPU window;
 //! - `EDGETWIN_BENCH_IDLE_SECS` (60): idle period before the last RSS reading (the issue
