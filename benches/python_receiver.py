@@ -18,6 +18,10 @@ command line:
     BENCH_CONNECTION_STRING   module connection string (HostName=localhost;...)
     SSL_CERT_FILE             the emulator's CA (the SDK dials HostName:8883)
     BENCH_RETRY_INTERVAL      seconds between reconnect attempts (SDK default 10)
+    BENCH_SASTOKEN_TTL        SAS token lifetime in seconds (SDK default 3600; the SDK
+                              renews by reconnecting 120 s before expiry)
+    BENCH_RESYNC              0: no twin read of our own after a reconnect (the SDK as
+                              shipped, for `cargo bench --bench idle`); default 1
 """
 
 import os
@@ -29,6 +33,8 @@ from azure.iot.device import IoTHubModuleClient
 
 CONNECTION_STRING = os.environ["BENCH_CONNECTION_STRING"]
 RETRY_INTERVAL = int(os.environ.get("BENCH_RETRY_INTERVAL", "10"))
+SASTOKEN_TTL = int(os.environ.get("BENCH_SASTOKEN_TTL", "3600"))
+RESYNC = os.environ.get("BENCH_RESYNC", "1") != "0"
 PROPERTY = "telemetryInterval"
 
 acked_lock = threading.Lock()
@@ -63,12 +69,14 @@ def resync(client):
 
 def iothub_client_sample_run():
     module_client = IoTHubModuleClient.create_from_connection_string(
-        CONNECTION_STRING, connection_retry_interval=RETRY_INTERVAL
+        CONNECTION_STRING,
+        connection_retry_interval=RETRY_INTERVAL,
+        sastoken_ttl=SASTOKEN_TTL,
     )
     was_connected = [False]
 
     def on_connection_state_change():
-        if module_client.connected and was_connected[0]:
+        if RESYNC and module_client.connected and was_connected[0]:
             # The handler may not block the SDK's handler thread for long: resync beside it.
             threading.Thread(target=resync, args=(module_client,), daemon=True).start()
         was_connected[0] = was_connected[0] or module_client.connected

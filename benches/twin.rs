@@ -30,6 +30,14 @@
 //! - `EDGETWIN_BENCH_QUICK=1`: a fast smoke (small counts, short idle, one repetition);
 //! - `EDGETWIN_BENCH_REPEATS` (3): repetitions of each measurement; medians are printed;
 //! - `EDGETWIN_BENCH_PACED` (1000), `EDGETWIN_BENCH_BURST` (10000): patch counts;
+//! - `EDGETWIN_BENCH_BURSTS` (8): bursts per receiver (RSS is read at the end of each
+//!   and again after 4 s of quiet);
+//! - `EDGETWIN_BENCH_TMPFS=0`: skip the run with the daemon's state on tmpfs;
+//! - `EDGETWIN_BENCH_BIN`: the daemon binary to measure, e.g. a build of another release
+//!   profile. The default is the one cargo builds for the bench (`target/release/edgetwin`),
+//!   which unwinds: cargo ignores `panic = "abort"` for bench builds. To measure the
+//!   shipped binary, build it with `cargo build --release -p edgetwin` and copy it out of
+//!   `target/release` first (docs/BENCHMARKS.md, "How to reproduce");
 //! - `EDGETWIN_BENCH_GAP_MS` (0): pause between a paced patch's ack and the next patch;
 //! - `EDGETWIN_BENCH_CPU_SECS` (60): the idle CPU window;
 //! - `EDGETWIN_BENCH_IDLE_SECS` (60): idle period before the last RSS reading (the issue
@@ -72,7 +80,14 @@ const PROPERTY: &str = "telemetryInterval";
 const MQTT_PORT: u16 = 8883;
 const WAIT: Duration = Duration::from_secs(60);
 const BURST_WAIT: Duration = Duration::from_secs(900);
-const BIN: &str = env!("CARGO_BIN_EXE_edgetwin");
+/// Quiet after each burst before RSS is read again.
+const SETTLE: Duration = Duration::from_secs(4);
+const BUILT_BIN: &str = env!("CARGO_BIN_EXE_edgetwin");
+
+/// The daemon under test: `EDGETWIN_BENCH_BIN`, else the one cargo built.
+fn bin() -> PathBuf {
+    std::env::var_os("EDGETWIN_BENCH_BIN").map_or_else(|| PathBuf::from(BUILT_BIN), PathBuf::from)
+}
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
 // ---- options --------------------------------------------------------------------------
@@ -82,6 +97,7 @@ struct Opts {
     repeats: usize,
     paced: usize,
     burst: usize,
+    bursts: usize,
     gap: Duration,
     cpu_secs: u64,
     idle_secs: u64,
@@ -111,6 +127,7 @@ impl Opts {
             repeats: env_num("EDGETWIN_BENCH_REPEATS", q(3, 1)).max(1) as usize,
             paced: env_num("EDGETWIN_BENCH_PACED", q(1000, 50)).max(1) as usize,
             burst: env_num("EDGETWIN_BENCH_BURST", q(10_000, 300)).max(1) as usize,
+            bursts: env_num("EDGETWIN_BENCH_BURSTS", q(8, 1)).max(1) as usize,
             gap: Duration::from_millis(env_num("EDGETWIN_BENCH_GAP_MS", 0)),
             cpu_secs: env_num("EDGETWIN_BENCH_CPU_SECS", q(60, 3)).max(1),
             idle_secs: env_num("EDGETWIN_BENCH_IDLE_SECS", q(60, 3)),
@@ -455,7 +472,7 @@ fn spawn_daemon(files: &DaemonFiles, config: &Path) -> Result<Receiver> {
         .append(true)
         .open(&files.log)?;
     let started = Instant::now();
-    let child = Command::new(BIN)
+    let child = Command::new(bin())
         .arg("run")
         .arg("--config")
         .arg(config)
@@ -612,11 +629,17 @@ struct Row {
     resync_ms: Vec<f64>,
     rss_start_kib: f64,
     rss_burst_kib: f64,
+    rss_each_burst_kib: Vec<f64>,
+    rss_settled_kib: Vec<f64>,
+    rss_settled_anon_kib: Vec<f64>,
+    rss_anon_start_kib: f64,
+    rss_file_start_kib: f64,
     rss_idle_kib: f64,
     rss_peak_kib: f64,
     rss_anon_kib: f64,
     rss_file_kib: f64,
     idle_cpu_pct: f64,
+    work_cpu_s: f64,
 }
 
 impl Row {
@@ -624,11 +647,14 @@ impl Row {
         Row {
             rss_start_kib: f64::NAN,
             rss_burst_kib: f64::NAN,
+            rss_anon_start_kib: f64::NAN,
+            rss_file_start_kib: f64::NAN,
             rss_idle_kib: f64::NAN,
             rss_peak_kib: f64::NAN,
             rss_anon_kib: f64::NAN,
             rss_file_kib: f64::NAN,
             idle_cpu_pct: f64::NAN,
+            work_cpu_s: f64::NAN,
             ..Row::default()
         }
     }
@@ -836,7 +862,10 @@ fn steady(
     hub.rec.wait("first ack", WAIT, |e| is_ack_of(e, &k, v))?;
     thread::sleep(Duration::from_secs(1));
     row.rss_start_kib = rss_kib(pid, "VmRSS:").map_or(f64::NAN, |v| v as f64);
+    row.rss_anon_start_kib = rss_kib(pid, "RssAnon:").map_or(f64::NAN, |v| v as f64);
+    row.rss_file_start_kib = rss_kib(pid, "RssFile:").map_or(f64::NAN, |v| v as f64);
 
+    let work_c0 = cpu_ticks(pid);
     let profilers = match (&opts.profile, kind) {
         (Some(dir), Kind::Rust) => start_profiler(dir, pid, full)?,
         _ => Vec::new(),
@@ -845,11 +874,24 @@ fn steady(
         eprintln!("  paced {}/{}", round + 1, opts.repeats);
         paced(hub, module, opts.paced, opts.gap, row)?;
     }
-    for round in 0..opts.repeats {
-        eprintln!("  burst {}/{}", round + 1, opts.repeats);
+    for round in 0..opts.bursts {
+        eprintln!("  burst {}/{}", round + 1, opts.bursts);
         burst(hub, module, opts.burst, row)?;
+        row.rss_each_burst_kib
+            .push(rss_kib(pid, "VmRSS:").map_or(f64::NAN, |v| v as f64));
+        // Settled: edgetwin gives a burst's heap back after 2 s of quiet.
+        thread::sleep(SETTLE);
+        row.rss_settled_kib
+            .push(rss_kib(pid, "VmRSS:").map_or(f64::NAN, |v| v as f64));
+        row.rss_settled_anon_kib
+            .push(rss_kib(pid, "RssAnon:").map_or(f64::NAN, |v| v as f64));
     }
     stop_profilers(profilers);
+    // CPU time for the same work (paced and bursts): less sensitive to other load than
+    // wall-clock latency, so release profiles can be compared on a busy machine.
+    if let (Some(c0), Some(c1)) = (work_c0, cpu_ticks(pid)) {
+        row.work_cpu_s = (c1 - c0) as f64 / clock_ticks_per_sec() as f64;
+    }
     thread::sleep(Duration::from_secs(1));
     row.rss_burst_kib = rss_kib(pid, "VmRSS:").map_or(f64::NAN, |v| v as f64);
     if !full {
@@ -934,9 +976,10 @@ fn fsync_floor(dir: &Path, n: usize) -> Result<(f64, f64)> {
 }
 
 fn binary_sizes(dir: &Path) -> (u64, Option<u64>) {
-    let built = std::fs::metadata(BIN).map(|m| m.len()).unwrap_or(0);
+    let bin = bin();
+    let built = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
     let copy = dir.join("edgetwin.stripped");
-    let stripped = std::fs::copy(BIN, &copy)
+    let stripped = std::fs::copy(&bin, &copy)
         .ok()
         .and_then(|_| Command::new("strip").arg(&copy).status().ok())
         .filter(|s| s.success())
@@ -985,12 +1028,15 @@ fn print_table(rust: &Row, tmpfs: &Row, py: Option<&Row>) {
         ("hub back → reconnected", m(&rust.resync_connected_ms), p(|r| &r.resync_connected_ms), "ms"),
         ("hub back → twin resynced (ack)", m(&rust.resync_ms), p(|r| &r.resync_ms), "ms"),
         ("RSS after start", rust.rss_start_kib, pv(|r| r.rss_start_kib), "MiB"),
+        ("  of which anonymous", rust.rss_anon_start_kib, pv(|r| r.rss_anon_start_kib), "MiB"),
+        ("  of which file-backed", rust.rss_file_start_kib, pv(|r| r.rss_file_start_kib), "MiB"),
         ("RSS after bursts", rust.rss_burst_kib, pv(|r| r.rss_burst_kib), "MiB"),
         ("RSS after idle", rust.rss_idle_kib, pv(|r| r.rss_idle_kib), "MiB"),
         ("  of which anonymous (heap, stacks)", rust.rss_anon_kib, pv(|r| r.rss_anon_kib), "MiB"),
         ("  of which file-backed (code, libraries)", rust.rss_file_kib, pv(|r| r.rss_file_kib), "MiB"),
         ("peak RSS (VmHWM)", rust.rss_peak_kib, pv(|r| r.rss_peak_kib), "MiB"),
         ("idle CPU (of one core)", rust.idle_cpu_pct, pv(|r| r.idle_cpu_pct), "%"),
+        ("CPU time for the paced and burst work", rust.work_cpu_s, pv(|r| r.work_cpu_s), "s"),
     ];
     println!();
     println!(
@@ -1041,6 +1087,16 @@ fn print_raw(name: &str, row: &Row) {
             println!("  {label:<26} {}", list(v));
         }
     }
+    for (label, list) in [
+        ("RSS at each burst's end", &row.rss_each_burst_kib),
+        ("RSS 4 s after each burst", &row.rss_settled_kib),
+        ("  of which anonymous", &row.rss_settled_anon_kib),
+    ] {
+        if !list.is_empty() {
+            let mib: Vec<String> = list.iter().map(|k| format!("{:.2}", k / 1024.0)).collect();
+            println!("  {label:<26} {} MiB", mib.join(", "));
+        }
+    }
     for note in &row.burst_notes {
         println!("  burst: {note}");
     }
@@ -1053,15 +1109,17 @@ fn main() -> Result<()> {
     let opts = Opts::from_env();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "edgetwin twin bench: {} mode, {} repetitions, {} paced / {} burst patches, idle CPU over {} s, idle RSS after {} s",
+        "edgetwin twin bench: {} mode, {} repetitions, {} paced patches, {} bursts of {}, idle CPU over {} s, idle RSS after {} s",
         if opts.quick { "quick" } else { "full" },
         opts.repeats,
         opts.paced,
+        opts.bursts,
         opts.burst,
         opts.cpu_secs,
         opts.idle_secs.max(opts.cpu_secs)
     );
     println!("load average at start: {}", load.trim());
+    println!("daemon binary: {}", bin().display());
     if !opts.gap.is_zero() {
         println!(
             "paced patches {} ms apart after each ack",
@@ -1112,6 +1170,7 @@ fn main() -> Result<()> {
     daemon.stop();
     result?;
 
+    let tmpfs_wanted = std::env::var("EDGETWIN_BENCH_TMPFS").map_or(true, |v| v != "0");
     eprintln!("edgetwin, state on tmpfs");
     let tmpfs_state = tempfile::Builder::new()
         .prefix("edgetwin-bench-state-")
@@ -1120,7 +1179,11 @@ fn main() -> Result<()> {
     let mut tmpfs = Row::new();
     let daemon = spawn_daemon(&files, &files.config)?;
     daemon.wait_ready()?;
-    let result = steady(&opts, &mut hub, &daemon, Kind::Rust, false, &mut tmpfs);
+    let result = if tmpfs_wanted {
+        steady(&opts, &mut hub, &daemon, Kind::Rust, false, &mut tmpfs)
+    } else {
+        Ok(())
+    };
     daemon.stop();
     result?;
 

@@ -169,6 +169,8 @@ impl Agent {
                     if self.persist().await {
                         self.pump(&links).await;
                     }
+                    // 2 s of quiet after activity: a burst is over, give its heap back.
+                    crate::memory::release_free_heap();
                 }
                 _ = sleep_until(self.get_retry_at) => {
                     self.get_retry_at = None;

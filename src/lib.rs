@@ -14,6 +14,7 @@
 //! - [`systemd`]: sd_notify READY/STATUS/RELOADING/STOPPING and the progress-gated watchdog.
 //! - [`app`]: the supervisor; `app::run(settings, shutdown)` is the daemon's one entry point.
 //! - [`logging`]: tracing to journald or stderr, reloadable level.
+//! - [`memory`]: free heap pages back to the kernel after a burst.
 //! - [`agent`]: sole owner of the runtime state: applies, persists, acknowledges,
 //!   telemetry, direct methods, change hook.
 //! - [`registry`]: the service REST client (registry, twins, methods, queries,
@@ -35,6 +36,7 @@ pub mod fleet;
 pub mod hub;
 pub mod identity;
 pub mod logging;
+pub mod memory;
 pub mod provision;
 pub mod registry;
 pub mod store;

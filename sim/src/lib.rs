@@ -27,7 +27,8 @@
 //! - [`mqtt`]: MQTT 3.1.1 server (TLS and WebSocket transports) for module clients.
 //! - [`rest`]: HTTPS service REST API; it mounts [`websocket`], the MQTT-over-WebSocket
 //!   bridge, on its router.
-//! - [`server`]: [`Sim`], which binds the listeners and owns their tasks.
+//! - [`server`]: [`Sim`], which binds the listeners and owns their tasks; [`wire`]
+//!   counts each connection's bytes beneath TLS and whether its handshake resumed.
 //! - [`throttle`]: the tier's published rates as token buckets (`--tier`, `--units`).
 //! - [`demo`]: the tutorial end to end: emulator, registry REST and the real daemon.
 //! - [`testing`]: helpers for tests against the emulator (an MQTT test client, event
@@ -57,6 +58,7 @@ pub mod topics;
 pub mod twin_doc;
 pub mod twin_query;
 pub mod websocket;
+pub mod wire;
 
 pub use dps::Dps;
 pub use errors::HubError;

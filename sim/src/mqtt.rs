@@ -35,6 +35,7 @@ use super::device_side::MAX_TELEMETRY_BYTES;
 use super::dps::Dps;
 use super::hub::{Accepted, Hub, ModuleKey, Outbound};
 use super::topics::{parse_publish_topic, ClientTopic};
+use super::wire::{Listener, WireLog};
 
 /// Largest packet read: a maximal telemetry message plus room for its topic and headers.
 pub const MAX_PACKET_SIZE: usize = MAX_TELEMETRY_BYTES + 64 * 1024;
@@ -67,6 +68,7 @@ pub async fn serve_tls(
     acceptor: TlsAcceptor,
     hub: Hub,
     dps: Option<Dps>,
+    wire: WireLog,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -87,6 +89,7 @@ pub async fn serve_tls(
             }
         };
         let _ = tcp.set_nodelay(true);
+        let tcp = wire.count(Listener::Mqtt, tcp);
         let acceptor = acceptor.clone();
         let hub = hub.clone();
         let dps = dps.clone();
@@ -99,7 +102,10 @@ pub async fn serve_tls(
                     r = timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => r,
                 };
                 match handshake {
-                    Ok(Ok(tls)) => serve_connection_with_dps(tls, hub, dps, shutdown).await,
+                    Ok(Ok(tls)) => {
+                        super::wire::handshake_done(&tls);
+                        serve_connection_with_dps(tls, hub, dps, shutdown).await
+                    }
                     Ok(Err(e)) => debug!(error = %e, "emulator: MQTT TLS handshake failed"),
                     Err(_) => debug!("emulator: MQTT TLS handshake timed out"),
                 }

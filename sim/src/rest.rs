@@ -30,7 +30,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,6 +40,7 @@ use super::hub::{Hub, Right};
 use super::service_side::TwinWrite;
 use super::throttle::{Admission, Kind};
 use super::twin_doc::timestamp;
+use super::wire::{Counted, Listener, WireLog};
 
 mod fleet;
 
@@ -66,6 +67,7 @@ pub async fn serve(
     acceptor: TlsAcceptor,
     hub: Hub,
     extra: Router,
+    wire: WireLog,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -94,7 +96,7 @@ pub async fn serve(
             }
         };
         tasks.spawn(serve_tcp(
-            tcp,
+            wire.count(Listener::Https, tcp),
             acceptor.clone(),
             app.clone(),
             shutdown.clone(),
@@ -106,18 +108,16 @@ pub async fn serve(
 
 /// One TCP connection: TLS handshake, then HTTP/1.1 with upgrades until the client closes
 /// or the emulator stops (in-flight requests finish first).
-async fn serve_tcp(
-    tcp: TcpStream,
-    acceptor: TlsAcceptor,
-    app: Router,
-    shutdown: CancellationToken,
-) {
+async fn serve_tcp(tcp: Counted, acceptor: TlsAcceptor, app: Router, shutdown: CancellationToken) {
     let _ = tcp.set_nodelay(true);
     let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
     let tls = tokio::select! {
         () = shutdown.cancelled() => return,
         r = handshake => match r {
-            Ok(Ok(tls)) => tls,
+            Ok(Ok(tls)) => {
+                super::wire::handshake_done(&tls);
+                tls
+            }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "HTTPS TLS handshake failed");
                 return;

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use super::aziot::{AziotConfig, AziotSim};
 use super::dps::Dps;
 use super::hub::Hub;
 use super::tls;
+use super::wire::WireLog;
 
 /// Where and as what the emulator runs.
 #[derive(Debug, Clone)]
@@ -65,6 +67,8 @@ pub struct Sim {
     mqtt_addr: SocketAddr,
     https_addr: SocketAddr,
     ca_pem: String,
+    wire: WireLog,
+    resumption: Arc<AtomicBool>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -110,6 +114,7 @@ impl Sim {
         }
 
         let acceptor = TlsAcceptor::from(Arc::clone(&tls.server_config));
+        let wire = WireLog::default();
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(super::mqtt::serve_tls(
@@ -117,6 +122,7 @@ impl Sim {
             acceptor.clone(),
             hub.clone(),
             Some(dps.clone()),
+            wire.clone(),
             shutdown.clone(),
             tasks.clone(),
         ));
@@ -125,6 +131,7 @@ impl Sim {
             acceptor,
             hub.clone(),
             super::dps::http::router(dps.clone()),
+            wire.clone(),
             shutdown.clone(),
             tasks.clone(),
         ));
@@ -150,6 +157,8 @@ impl Sim {
             mqtt_addr,
             https_addr,
             ca_pem: tls.ca_pem,
+            wire,
+            resumption: tls.resumption,
             shutdown,
             tasks,
         })
@@ -187,6 +196,18 @@ impl Sim {
 
     pub fn state_dir(&self) -> &Path {
         &self.config.state_dir
+    }
+
+    /// Bytes on the wire of every connection since start (beneath TLS), and whether each
+    /// handshake resumed a session. A [`Sim::restart`] starts a new log.
+    pub fn wire(&self) -> &WireLog {
+        &self.wire
+    }
+
+    /// Allows (the default) or refuses TLS session resumption for the handshakes that
+    /// follow; refused, the server issues no tickets and every handshake is full.
+    pub fn set_tls_resumption(&self, allowed: bool) {
+        self.resumption.store(allowed, Ordering::Relaxed);
     }
 
     /// PEM of the CA that signed the server certificate.

@@ -1,10 +1,14 @@
 //! The emulator's certificates: a CA of its own and a server certificate it signs (SANs
 //! `localhost`, `127.0.0.1` and the hub name), generated with rcgen on first start and kept
 //! in the state directory so clients that trust `ca.pem` keep trusting a restarted hub.
-//! Offers TLS 1.2 and 1.3, as Microsoft's Python SDK insists on 1.2.
+//! Offers TLS 1.2 and 1.3, as Microsoft's Python SDK insists on 1.2. Allows session
+//! resumption (session ids and TLS 1.3 tickets kept in memory, 256 entries) so the bytes
+//! a client saves by resuming on its renewal reconnect can be measured; a switch turns it
+//! off at run time to measure the full handshake beside it.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -19,6 +23,40 @@ const SERVER_KEY_FILE: &str = "server.key";
 pub struct SimTls {
     pub ca_pem: String,
     pub server_config: Arc<rustls::ServerConfig>,
+    /// Whether the server stores sessions and resumes them (on by default).
+    pub resumption: Arc<AtomicBool>,
+}
+
+/// rustls's in-memory session store behind an on/off switch: off, it stores nothing (so
+/// no TLS 1.3 tickets are issued) and finds nothing (so every handshake is full).
+#[derive(Debug)]
+struct SwitchableSessions {
+    enabled: Arc<AtomicBool>,
+    cache: Arc<rustls::server::ServerSessionMemoryCache>,
+}
+
+impl rustls::server::StoresServerSessions for SwitchableSessions {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.enabled.load(Ordering::Relaxed) && self.cache.put(key, value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.enabled
+            .load(Ordering::Relaxed)
+            .then(|| self.cache.get(key))
+            .flatten()
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.enabled
+            .load(Ordering::Relaxed)
+            .then(|| self.cache.take(key))
+            .flatten()
+    }
+
+    fn can_cache(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
 }
 
 /// Loads the certificates from `dir`, creating them on first use.
@@ -43,9 +81,15 @@ pub fn load_or_create(dir: &Path, hub_name: &str) -> anyhow::Result<SimTls> {
         .with_single_cert(certs, key)
         .context("building the TLS server configuration")?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let resumption = Arc::new(AtomicBool::new(true));
+    config.session_storage = Arc::new(SwitchableSessions {
+        enabled: Arc::clone(&resumption),
+        cache: rustls::server::ServerSessionMemoryCache::new(256),
+    });
     Ok(SimTls {
         ca_pem,
         server_config: Arc::new(config),
+        resumption,
     })
 }
 

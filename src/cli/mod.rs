@@ -175,7 +175,13 @@ pub fn dispatch(command: Command) -> u8 {
     if let Command::CheckConfig(args) = command {
         return run::check_config(args.config);
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    // One thread runs every task (fsync and DNS go to tokio's blocking pool): a gateway
+    // daemon's work is small, and each worker thread would cost a stack and a malloc
+    // arena whatever the number of cores (docs/BENCHMARKS.md, memory).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("edgetwin: cannot start the async runtime: {e}");

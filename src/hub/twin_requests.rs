@@ -79,6 +79,9 @@ struct Pending {
     retry_at: Option<Instant>,
 }
 
+/// Capacity kept once the requests are all answered: a few are usual in flight.
+const KEEP_CAPACITY: usize = 16;
+
 /// All twin requests of one session.
 #[derive(Debug)]
 pub struct TwinRequests {
@@ -163,6 +166,7 @@ impl TwinRequests {
             return None;
         }
         let pending = self.pending.remove(rid)?;
+        self.release_capacity();
         let result = match (&pending.op, status) {
             (TwinOp::Get, 200..=299) => Ok(TwinReply::Twin(body)),
             (TwinOp::Report(_), 200..=299) => Ok(TwinReply::Reported(version)),
@@ -201,10 +205,24 @@ impl TwinRequests {
                 None => {}
             }
         }
-        resend
+        let resend: Vec<Publish> = resend
             .into_iter()
             .map(|(op, attempt)| self.send(op, attempt, now))
-            .collect()
+            .collect();
+        self.release_capacity();
+        resend
+    }
+
+    /// Once nothing is pending, gives back what a burst grew: in a storm of resyncs the
+    /// map held thousands of requests (about 0.8 MiB, heap profile in
+    /// docs/BENCHMARKS.md), and a `HashMap` keeps its largest capacity otherwise.
+    fn release_capacity(&mut self) {
+        if self.pending.is_empty() && self.pending.capacity() > KEEP_CAPACITY {
+            self.pending.shrink_to(KEEP_CAPACITY);
+        }
+        if self.waiting.is_empty() && self.waiting.capacity() > KEEP_CAPACITY {
+            self.waiting.shrink_to(KEEP_CAPACITY);
+        }
     }
 
     /// When [`Self::due`] next has something to do.
@@ -221,13 +239,16 @@ impl TwinRequests {
         let mut rids: Vec<_> = self.pending.keys().cloned().collect();
         // In sending order, so a caller restoring reported patches restores oldest first.
         rids.sort_by_key(|rid| rid.parse::<u64>().unwrap_or(u64::MAX));
-        rids.into_iter()
+        let failed = rids
+            .into_iter()
             .filter_map(|rid| self.pending.remove(&rid))
             .map(|p| Finished {
                 op: p.op,
                 result: Err(TwinFailure::Lost),
             })
-            .collect()
+            .collect();
+        self.release_capacity();
+        failed
     }
 }
 
@@ -248,6 +269,24 @@ mod tests {
 
     fn rid_of(p: &Publish) -> String {
         p.topic.rsplit("$rid=").next().unwrap().to_owned()
+    }
+
+    #[test]
+    fn a_burst_of_requests_leaves_no_large_table_once_all_are_answered() {
+        let now = Instant::now();
+        let mut r = requests();
+        let sent: Vec<_> = (0..5000).map(|_| r.start(TwinOp::Get, now)).collect();
+        assert!(r.pending.capacity() >= 5000);
+        for p in &sent {
+            r.response(&rid_of(p), 200, None, Bytes::new(), now)
+                .unwrap();
+        }
+        assert!(r.is_empty());
+        assert!(
+            r.pending.capacity() <= 2 * KEEP_CAPACITY,
+            "{}",
+            r.pending.capacity()
+        );
     }
 
     #[test]
