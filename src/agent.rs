@@ -257,15 +257,17 @@ impl Agent {
                 };
                 let _ = links.commands.send(response).await;
             }
-            HubEvent::Resync => {
-                tracing::warn!(
-                    edgetwin_event = "resync",
-                    "events were lost; resynchronising"
-                );
+            HubEvent::Resync { twin_answer_lost } => {
                 if let Some(patch) = self.in_flight.take() {
                     self.pending.restore(patch);
                 }
-                let out = self.sync.get_failed();
+                // A GET still in flight is awaited, then followed by one more GET; a new
+                // GET per resync would pile GETs up on the hub in a burst.
+                let out = if twin_answer_lost {
+                    self.sync.get_failed()
+                } else {
+                    self.sync.events_lost()
+                };
                 self.outcome(out, links).await;
                 self.pump(links).await;
             }

@@ -248,7 +248,10 @@ async fn resync_gets_the_twin_again_and_resends_the_report_in_flight() {
     h.synced(json!({}), 1).await;
     h.send(desired(2, json!({"b": true}))).await;
     let sent = h.expect_report().await;
-    h.send(HubEvent::Resync).await;
+    h.send(HubEvent::Resync {
+        twin_answer_lost: false,
+    })
+    .await;
     let mut saw_get = false;
     let mut resent = None;
     while !(saw_get && resent.is_some()) {

@@ -78,9 +78,13 @@ pub enum HubEvent {
         rid: String,
         payload: Bytes,
     },
-    /// Events were dropped because the agent fell behind: GET the twin again and re-send
-    /// reported patches that were not confirmed.
-    Resync,
+    /// Events were dropped because the agent fell behind: GET the twin again (once the
+    /// GET in flight is answered, unless its answer was among them) and re-send reported
+    /// patches that were not confirmed.
+    Resync {
+        /// A twin GET's answer was dropped: the GET in flight will never be answered.
+        twin_answer_lost: bool,
+    },
 }
 
 /// What the agent asks of the session.
@@ -180,6 +184,8 @@ impl Session {
             connection: Connection::new(config.sas_ttl, config.backoff, config.refused_backoff),
             credentials_due: false,
             resync_pending: false,
+            resync_twin_lost: false,
+            dropped: 0,
             telemetry_topic: topics::telemetry(
                 &config.identity.device_id,
                 &config.identity.module_id,
@@ -366,6 +372,10 @@ struct Core {
     /// The machine asked for a connect: sign a fresh token before the next poll.
     credentials_due: bool,
     resync_pending: bool,
+    /// Among the events dropped since the last `Resync`: a twin GET's answer.
+    resync_twin_lost: bool,
+    /// Events dropped since the last `Resync` was delivered (logged once per episode).
+    dropped: u64,
     telemetry_topic: String,
     /// The module the session is for.
     identity: ModuleIdentity,

@@ -100,7 +100,8 @@ pub struct TwinSync {
     get_in_flight: bool,
     queue: Vec<(u64, Map<String, Value>)>,
     /// Highest version of a malformed patch seen during the GET (`u64::MAX` when its
-    /// version was unreadable): the GET may predate it, so resync unless it covers it.
+    /// version was unreadable, or when patches were lost): the GET may predate it, so
+    /// resync unless it covers it.
     malformed_during_get: Option<u64>,
     /// The first GET after start acknowledges everything: acks sent before a crash
     /// may never have reached the hub.
@@ -164,6 +165,19 @@ impl TwinSync {
     pub fn get_failed(&mut self) -> Outcome {
         let mut out = self.drop_queue();
         out.need_full_get = true;
+        out
+    }
+
+    /// Events were lost on the way (the agent fell behind), none of them the answer to the
+    /// GET in flight: with a GET in flight, its answer is awaited and one more GET follows
+    /// (it may predate a lost patch); with none, a GET is asked for. Queued patches stay.
+    pub fn events_lost(&mut self) -> Outcome {
+        let mut out = Outcome::default();
+        if self.get_in_flight {
+            self.malformed_during_get = Some(u64::MAX);
+        } else {
+            out.need_full_get = true;
+        }
         out
     }
 

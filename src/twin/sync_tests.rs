@@ -404,3 +404,29 @@ fn a_twin_whose_reported_version_moved_on_at_the_same_desired_version_is_up_to_d
     assert_eq!(dispositions(&out), [Disposition::UpToDate]);
     assert!(out.reported.is_empty());
 }
+
+#[test]
+fn events_lost_during_a_get_wait_for_its_answer_then_ask_once_more() {
+    let mut s = synced(json!({"$version": 2}));
+    s.get_started();
+    let queued = patch(&mut s, json!({"site": "a", "$version": 3}));
+    assert_eq!(dispositions(&queued), [Disposition::Queued]);
+    let out = s.events_lost();
+    assert!(!out.need_full_get, "no second GET while one is in flight");
+    assert!(s.get_in_flight());
+    let out = s.get_response(br#"{"desired": {"$version": 2}, "reported": {"$version": 1}}"#);
+    assert_eq!(
+        dispositions(&out),
+        [Disposition::UpToDate, Disposition::Applied],
+        "the patch queued before the loss is kept"
+    );
+    assert!(out.need_full_get, "the answer may predate a lost patch");
+}
+
+#[test]
+fn events_lost_with_no_get_in_flight_ask_for_one() {
+    let mut s = synced(json!({"$version": 2}));
+    let out = s.events_lost();
+    assert!(out.need_full_get);
+    assert!(out.handled.is_empty() && !out.changed);
+}

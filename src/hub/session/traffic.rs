@@ -13,17 +13,26 @@ use crate::hub::twin_requests::{Finished, TwinFailure, TwinOp, TwinReply};
 
 impl Core {
     /// Forwards an event without waiting. What cannot be dropped safely raises a resync.
+    /// One line is logged when an episode of drops starts and one when the agent has
+    /// caught up (with the count), not one per event: a burst can drop thousands.
     pub(super) fn emit(&mut self, event: HubEvent) {
         self.flush_resync();
         if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
-            tracing::warn!(
-                edgetwin_event = "event_dropped",
-                kind = event_kind(&event),
-                "agent is behind; event dropped"
-            );
+            if self.dropped == 0 {
+                tracing::warn!(
+                    edgetwin_event = "event_dropped",
+                    kind = event_kind(&event),
+                    "agent is behind; dropping events until it catches up"
+                );
+            }
+            self.dropped += 1;
             match event {
                 HubEvent::Method { rid, .. } => {
                     self.publish(topics::method_response(503, &rid), b"null".to_vec());
+                }
+                HubEvent::Twin(_) => {
+                    self.resync_pending = true;
+                    self.resync_twin_lost = true;
                 }
                 _ => self.resync_pending = true,
             }
@@ -31,8 +40,21 @@ impl Core {
     }
 
     pub(super) fn flush_resync(&mut self) {
-        if self.resync_pending && self.events.try_send(HubEvent::Resync).is_ok() {
+        if !self.resync_pending {
+            return;
+        }
+        let resync = HubEvent::Resync {
+            twin_answer_lost: self.resync_twin_lost,
+        };
+        if self.events.try_send(resync).is_ok() {
+            tracing::warn!(
+                edgetwin_event = "events_dropped",
+                dropped = self.dropped,
+                "agent caught up; resynchronising after dropped events"
+            );
             self.resync_pending = false;
+            self.resync_twin_lost = false;
+            self.dropped = 0;
         }
     }
 
@@ -144,6 +166,6 @@ fn event_kind(event: &HubEvent) -> &'static str {
         HubEvent::Twin(_) => "twin",
         HubEvent::Reported { .. } => "reported",
         HubEvent::Method { .. } => "method",
-        HubEvent::Resync => "resync",
+        HubEvent::Resync { .. } => "resync",
     }
 }
