@@ -4,11 +4,13 @@
 //! a second one the daemons' schema refuses; and the bad inputs with their exit codes.
 //! Every run is checked for secrets on stdout/stderr.
 
+mod cli_support;
 mod daemon_support;
 
 use std::process::Output;
 use std::time::Duration;
 
+use cli_support::{stderr, stdout};
 use daemon_support::Daemon;
 use edgetwin::config::Settings;
 use edgetwin::fleet::FleetClient;
@@ -22,25 +24,7 @@ const MODULE: &str = "edgetwin";
 
 /// Runs the binary with `env` (and no inherited `EDGETWIN_*`), under a timeout.
 async fn edgetwin(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgetwin"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("EDGETWIN_") || name == "CREDENTIALS_DIRECTORY" {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.args(args).envs(env.iter().copied()).kill_on_drop(true);
-    tokio::time::timeout(Duration::from_secs(240), cmd.output())
-        .await
-        .expect("edgetwin finished in time")
-        .expect("edgetwin runs")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    cli_support::edgetwin_within(Duration::from_secs(240), args, env).await
 }
 
 /// A hub for the CLI: the emulator, and the service credential and CA to reach it.

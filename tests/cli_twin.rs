@@ -1,12 +1,15 @@
 //! `edgetwin twin show/set` and `edgetwin provision` as users run them: the built binary
 //! against an in-process emulator. Every run is checked for secrets on stdout/stderr.
 
+mod cli_support;
+
 use edgetwin_sim::testing as support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
 use std::time::Duration;
 
+use cli_support::{stderr, stdout};
 use edgetwin::identity::{ModuleCredentials, ServiceCredentials};
 use serde_json::{json, Value};
 use support::{module_options, TestClient, TestSim};
@@ -17,25 +20,7 @@ const DESIRED: &str = "$iothub/twin/PATCH/properties/desired/#";
 
 /// Runs the binary with `env` (and no inherited `EDGETWIN_*`), under a timeout.
 async fn edgetwin(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgetwin"));
-    for (name, _) in std::env::vars() {
-        if name.starts_with("EDGETWIN_") || name == "CREDENTIALS_DIRECTORY" {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.args(args).envs(env.iter().copied()).kill_on_drop(true);
-    tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("edgetwin finished in time")
-        .expect("edgetwin runs")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    cli_support::edgetwin_within(Duration::from_secs(60), args, env).await
 }
 
 /// No key, token or connection string in anything the command printed.
