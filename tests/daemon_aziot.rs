@@ -20,7 +20,6 @@ use edgetwin::aziot::{AziotClient, AziotError, PRINCIPAL_FILE};
 use edgetwin::cli::exit_code;
 use edgetwin::config::Settings;
 use edgetwin_sim::aziot::AziotConfig;
-use edgetwin_sim::service_side::TwinWrite;
 use edgetwin_sim::{Sim, SimConfig, SimEvent};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
@@ -87,20 +86,7 @@ impl Edge {
     }
 
     fn set_desired(&self, desired: Value) -> u64 {
-        let twin = self
-            .sim
-            .hub()
-            .write_module_twin(
-                DEVICE,
-                MODULE,
-                TwinWrite::Patch,
-                &json!({"properties": {"desired": desired}}),
-                None,
-            )
-            .expect("twin written");
-        twin["properties"]["desired"]["$version"]
-            .as_u64()
-            .expect("desired $version")
+        daemon_support::set_desired(self.sim.hub(), DEVICE, MODULE, desired)
     }
 
     async fn wait_for(&mut self, what: &str, want: impl FnMut(&SimEvent) -> bool) -> SimEvent {

@@ -26,6 +26,23 @@ pub const MODULE: &str = "edgetwin";
 /// Longest wait for anything; generous because CI machines are small.
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// Service side: PATCH the desired properties of `device`/`module` in the emulator's hub;
+/// returns the new desired `$version`.
+pub fn set_desired(hub: &edgetwin_sim::Hub, device: &str, module: &str, desired: Value) -> u64 {
+    let twin = hub
+        .write_module_twin(
+            device,
+            module,
+            TwinWrite::Patch,
+            &json!({"properties": {"desired": desired}}),
+            None,
+        )
+        .expect("twin written");
+    twin["properties"]["desired"]["$version"]
+        .as_u64()
+        .expect("desired $version")
+}
+
 /// Whether `event` is the hub accepting a reported patch that acknowledges desired
 /// `$version` `version` or a later one.
 pub fn acks_at_least(event: &SimEvent, version: u64) -> bool {
@@ -99,20 +116,7 @@ impl Env {
 
     /// Service side: PATCH desired; returns the new desired `$version`.
     pub fn set_desired(&self, desired: Value) -> u64 {
-        let twin = self
-            .sim()
-            .hub()
-            .write_module_twin(
-                DEVICE,
-                MODULE,
-                TwinWrite::Patch,
-                &json!({"properties": {"desired": desired}}),
-                None,
-            )
-            .expect("twin written");
-        twin["properties"]["desired"]["$version"]
-            .as_u64()
-            .expect("desired $version")
+        set_desired(self.sim().hub(), DEVICE, MODULE, desired)
     }
 
     pub fn reported(&self) -> Value {
